@@ -1,0 +1,37 @@
+# The two commands README.md starts with: `make run` and `make test`. Each creates the virtual
+# environment it needs on first use.
+VENV      ?= .venv
+PYTHON    ?= python3
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.embedkit-installed
+# The CPU build of torch: on this machine kind `pip install torch==2.13.0` takes it from local disk.
+# Elsewhere, e.g.: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+# CI and the mini scale never want CUDA wheels (several GB); set ALLOW_CUDA=1 on a GPU machine.
+ALLOW_CUDA ?= 0
+
+.PHONY: install run smoke sweep test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	@if [ "$(ALLOW_CUDA)" != "1" ]; then $(PY) -c "import torch, sys; sys.exit('a CUDA build of torch was installed; use a CPU build or ALLOW_CUDA=1' if torch.version.cuda else 0)"; fi
+	@touch $@
+
+install: $(STAMP)
+
+run: install
+	$(PY) run.py +experiment=bge_ablation_batchsize
+
+smoke: install
+	$(PY) run.py +experiment=bge_ablation_batchsize debug=smoke
+
+sweep: install
+	$(PY) run.py -m +experiment=bge_ablation_batchsize data.batch_size=32,64 objective.train_group_size=1,2
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf logs .cache

@@ -1,0 +1,19 @@
+"""Hydra/OmegaConf glue shared by `run.py` and the tests: the config folder and our resolvers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "conf"
+
+
+def register_resolvers() -> None:
+    # `${embedkit_root:}` lets configs name files relative to the checkout, whatever the cwd.
+    if not OmegaConf.has_resolver("embedkit_root"):
+        OmegaConf.register_new_resolver("embedkit_root", lambda: str(REPO_ROOT))
+
+
+register_resolvers()

@@ -1,0 +1,86 @@
+"""Evaluation suites that `conf/eval/*.yaml` instantiate; the recipe calls `suite.evaluate(...)`.
+
+- `MiniCMTEB`: the six-category mini C-MTEB read from the zh-mini bundle, scored by mteb.
+- `OfficialCMTEB`: C-MTEB's own tasks by name, as `mteb` defines them (needs the hub).
+
+Both use the same mteb encoder wrapper, so the model name and a per-run revision keep results of
+different runs apart, and BGE's instruction goes to retrieval and re-ranking queries only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+class _Suite:
+    name = "suite"
+
+    def __init__(self, batch_size: int = 128, query_instruction: str | None = None,
+                 show_progress: bool = True):
+        self.batch_size = batch_size
+        self.query_instruction = query_instruction
+        self.show_progress = show_progress
+        self._tasks = None
+
+    def tasks(self):
+        if self._tasks is None:
+            self._tasks = self._load_tasks()
+        return self._tasks
+
+    def _load_tasks(self):
+        raise NotImplementedError
+
+    def evaluate(self, encoder, model_name: str, revision: str, output_dir: str | Path) -> dict:
+        from embedkit.eval.cmteb import evaluate_tasks
+        from embedkit.eval.encoder import MtebEncoder
+
+        wrapper = MtebEncoder(encoder, model_name=model_name, revision=revision,
+                              query_instruction=self.query_instruction,
+                              embed_dim=getattr(encoder, "dim", None))
+        results = evaluate_tasks(wrapper, self.tasks(), output_dir, batch_size=self.batch_size,
+                                 show_progress=self.show_progress)
+        results["suite"] = self.name
+        return results
+
+
+class MiniCMTEB(_Suite):
+    name = "mini_cmteb"
+
+    def __init__(self, data_dir: str, tasks: Sequence[str] | None = None,
+                 max_rows: int | None = None, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.data_dir = data_dir
+        self.task_names = list(tasks) if tasks else None
+        self.max_rows = max_rows
+        self.seed = seed
+
+    def _load_tasks(self):
+        from embedkit.data.paths import require_data_dir
+        from embedkit.eval.tasks import load_local_tasks
+
+        eval_dir = require_data_dir(self.data_dir, needs="eval") / "eval"
+        return load_local_tasks(eval_dir, names=self.task_names, max_rows=self.max_rows,
+                                seed=self.seed)
+
+
+class OfficialCMTEB(_Suite):
+    name = "cmteb"
+
+    def __init__(self, task_types: Sequence[str] | None = None,
+                 tasks: Sequence[str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.task_types = list(task_types) if task_types else None
+        self.task_names = list(tasks) if tasks else None
+
+    def _load_tasks(self):
+        from embedkit.eval.cmteb import official_cmteb_tasks
+
+        tasks = official_cmteb_tasks(self.task_types)
+        if self.task_names:
+            known = {t.metadata.name for t in tasks}
+            missing = sorted(set(self.task_names) - known)
+            if missing:
+                raise ValueError(f"not C-MTEB tasks: {missing}; known: {sorted(known)}")
+            tasks = [t for t in tasks if t.metadata.name in self.task_names]
+        return tasks

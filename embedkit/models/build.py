@@ -1,0 +1,139 @@
+"""Factories that `conf/model/*.yaml` instantiate: a tokenizer, then an encoder around a backbone.
+
+Two options share one `TextEncoder`:
+- `tiny_zh`: a small BERT built from a config, with a character-level Chinese WordPiece vocabulary
+  built from the training text, so the mini scale needs no download.
+- `hf`: any Hugging Face encoder by hub name or local path (BAAI/bge-base-zh-v1.5,
+  hfl/chinese-roberta-wwm-ext, ...), the paper scale's starting points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from embedkit.models.encoder import ENCODER_CONFIG, TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: int = 1,
+                         max_size: int | None = None, cache_dir: str | Path | None = None,
+                         corpora: Sequence[str] = ("people_daily", "zh_mini_train"),
+                         data_dir: str | Path | None = None):
+    """Build (or reuse from `cache_dir`) a character vocabulary, saved into `out_dir`.
+
+    The vocabulary covers the run's training `texts` plus fixed `corpora`, so that every stage of a
+    multi-stage recipe (RetroMAE on People's Daily, then fine-tuning on zh-mini) shares one id
+    space. It is keyed by a hash of all the text and settings, so a sweep builds it once.
+    """
+    from embedkit.models.vocab import build_char_vocab, load_tokenizer, read_vocab_txt, save_tokenizer
+
+    all_texts = list(texts) + [t for name in corpora for t in _corpus(name, data_dir)]
+    digest = hashlib.sha1()
+    for t in all_texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\0")
+    digest.update(f"{min_freq}/{max_size}".encode())
+    key = digest.hexdigest()[:16]
+    cached = Path(cache_dir) / "vocab" / key if cache_dir else None
+    if cached is not None and (cached / "vocab.txt").exists():
+        vocab = read_vocab_txt(cached / "vocab.txt")
+    else:
+        vocab = build_char_vocab(all_texts, min_freq=min_freq, max_size=max_size)
+        if cached is not None:
+            save_tokenizer(vocab, cached)
+    save_tokenizer(vocab, out_dir)
+    log.info("character vocabulary: %d entries (key %s), saved to %s", len(vocab), key, out_dir)
+    return load_tokenizer(out_dir)
+
+
+def _corpus(name: str, data_dir: str | Path | None) -> list[str]:
+    if name == "people_daily":
+        from embedkit.data.weak_pairs import people_daily_paragraphs
+
+        return people_daily_paragraphs()
+    if name == "zh_mini_train":
+        from embedkit.data.paths import DEFAULT_DATA_DIR, require_data_dir
+        from embedkit.data.readers import read_retrieval_jsonl, read_sts_jsonl
+
+        root = require_data_dir(data_dir or DEFAULT_DATA_DIR)
+        texts = []
+        for f in ("nli_triplets", "stsb_hardneg", "cmrc_pairs"):
+            for r in read_retrieval_jsonl(root / "train" / f"{f}.jsonl"):
+                texts += [r["query"], *r["pos"], *r["neg"]]
+        for r in read_sts_jsonl(root / "train" / "stsb_pairs.jsonl"):
+            texts += [r["sentence1"], r["sentence2"]]
+        return texts
+    raise ValueError(f"unknown vocabulary corpus {name!r}; known: people_daily, zh_mini_train")
+
+
+def pretrained_tokenizer(name_or_path: str, out_dir: str | Path | None = None,
+                         revision: str | None = None, trust_remote_code: bool = False,
+                         texts: Sequence[str] | None = None, **_ignored):
+    """The tokenizer that ships with a hub checkpoint; `texts` is accepted and unused."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
+                                        trust_remote_code=trust_remote_code)
+    if out_dir is not None:
+        tok.save_pretrained(out_dir)
+    return tok
+
+
+def tiny_zh_encoder(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                    intermediate_size: int = 1024, max_position_embeddings: int = 512,
+                    dropout: float = 0.1, attn_implementation: str = "sdpa",
+                    pooling: str = "cls", normalize: bool = True, max_length: int = 128) -> TextEncoder:
+    """A freshly initialised BERT sized for a 2-core CPU."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, pad_token_id=tokenizer.pad_token_id,
+    )
+    # The attention backend is a config attribute; BertModel(...) does not take it as an argument.
+    config._attn_implementation = attn_implementation
+    backbone = BertModel(config, add_pooling_layer=False)
+    return TextEncoder(backbone, tokenizer, pooling=pooling, normalize=normalize,
+                       max_length=max_length)
+
+
+def hf_encoder(tokenizer, name_or_path: str, revision: str | None = None, pooling: str = "cls",
+               normalize: bool = True, max_length: int = 512, trust_remote_code: bool = False,
+               attn_implementation: str | None = "sdpa") -> TextEncoder:
+    """A pre-trained Hugging Face encoder without its pooler head."""
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return TextEncoder(_backbone_without_pooler(name_or_path, **kwargs), tokenizer,
+                       pooling=pooling, normalize=normalize, max_length=max_length)
+
+
+def _backbone_without_pooler(name_or_path, **kwargs):
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+    except TypeError:
+        # Encoders without a pooler (DistilBERT, ELECTRA, ...) do not accept the switch.
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> TextEncoder:
+    """Reload an encoder written by `TextEncoder.save_pretrained` (or any HF encoder folder)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    settings = {"pooling": "cls", "normalize": True, "max_length": 512}
+    if (path / ENCODER_CONFIG).exists():
+        settings.update(json.loads((path / ENCODER_CONFIG).read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    backbone = _backbone_without_pooler(path)
+    return TextEncoder(backbone, tokenizer, **settings).to(device)

@@ -1,0 +1,62 @@
+"""Aggregate a Hydra multirun: one table over every job of the sweep, written when the sweep ends.
+
+Each job writes its own `results.json` into its job folder; this callback only reads them, so a
+job that failed (no results, or an `error` entry) shows up as a row with its error instead of
+hiding the others. `python -m embedkit.reporting.sweep <sweep_dir>` rebuilds the table by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from embedkit.reporting.tables import row_from_results, write_table
+
+log = logging.getLogger(__name__)
+
+
+def job_overrides(job: Path) -> list[str]:
+    import yaml
+
+    path = job / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(path.read_text(encoding="utf-8")) or []) if path.exists() else []
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    jobs.sort(key=lambda p: (len(p.name), p.name))
+    overrides = {job: job_overrides(job) for job in jobs}
+    # Label each job by the overrides that differ between jobs: that is what the sweep varied.
+    common = set.intersection(*(set(o) for o in overrides.values())) if jobs else set()
+    rows = []
+    for job in jobs:
+        label = ",".join(o for o in overrides[job] if o not in common) or job.name
+        results = job / "results.json"
+        if results.exists():
+            rows.append(row_from_results(label, json.loads(results.read_text(encoding="utf-8"))))
+        else:
+            rows.append({"label": label, "error": f"no results.json in {job.name}/: the job failed or is still running"})
+    return rows
+
+
+def aggregate(sweep_dir: str | Path) -> str:
+    rows = collect(sweep_dir)
+    markdown = write_table(rows, sweep_dir, first="job", stem="sweep_table")
+    return markdown
+
+
+class SweepTable(Callback):
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():
+            return
+        markdown = aggregate(sweep_dir)
+        print(f"\nSweep table ({sweep_dir}/sweep_table.md):\n\n{markdown}\n")
+
+
+if __name__ == "__main__":
+    print(aggregate(sys.argv[1]))

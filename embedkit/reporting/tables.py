@@ -1,0 +1,88 @@
+"""Result tables in C-MTEB's layout: one row per run, the six categories and the overall average.
+
+A table is written as Markdown (to read) and CSV (for notebooks), and printed beside the paper's
+table it reproduces, which lives as data under `experiments/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
+# C-Pack's tables spell the re-ranking column "Re-rank"; the data files use ours.
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
+
+
+def row_from_results(label: str, results: dict) -> dict:
+    """One table row from a run's results.json content (a failed run keeps its error)."""
+    row = {"label": label}
+    if "error" in results:
+        row["error"] = results["error"]
+        return row
+    categories = results.get("categories", {})
+    for col in COLUMNS[:-1]:
+        row[col] = categories.get(col)
+    row["Avg"] = results.get("Avg")
+    return row
+
+
+def to_markdown(rows: Sequence[dict], first: str) -> str:
+    has_error = any("error" in r for r in rows)
+    header = [first, *COLUMNS] + (["error"] if has_error else [])
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for r in rows:
+        cells = [str(r["label"])] + [_fmt(r.get(c)) for c in COLUMNS]
+        if has_error:
+            cells.append(str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(rows: Sequence[dict], first: str) -> str:
+    buf = io.StringIO()
+    has_error = any("error" in r for r in rows)
+    writer = csv.writer(buf)
+    writer.writerow([first, *COLUMNS] + (["error"] if has_error else []))
+    for r in rows:
+        values = [r["label"]] + ["" if r.get(c) is None else f"{r[c]:.4f}" for c in COLUMNS]
+        writer.writerow(values + ([r.get("error", "")] if has_error else []))
+    return buf.getvalue()
+
+
+def read_paper_table(path: str | Path) -> tuple[str, list[dict]]:
+    """A reference table as (first column name, rows)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        first = reader.fieldnames[0]
+        rows = [{"label": r[first], **{c: float(r[c]) for c in COLUMNS}} for r in reader]
+    return first, rows
+
+
+def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str = "table") -> str:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(rows, first)
+    (out / f"{stem}.md").write_text(markdown + "\n", encoding="utf-8")
+    (out / f"{stem}.csv").write_text(to_csv(rows, first), encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(list(rows), indent=2, ensure_ascii=False),
+                                      encoding="utf-8")
+    return markdown
+
+
+def side_by_side(ours: str, ours_title: str, paper_path: str | Path | None, paper_title: str) -> str:
+    """Our table, then the paper's, as one printable block."""
+    parts = [f"## {ours_title}", "", ours]
+    if paper_path:
+        first, paper_rows = read_paper_table(paper_path)
+        parts += ["", f"## {paper_title}", "", to_markdown(paper_rows, first)]
+    return "\n".join(parts)

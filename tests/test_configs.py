@@ -1,0 +1,91 @@
+"""Config composition for every experiment at both scales, and Hydra's errors on typos."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from embedkit.config import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def _resolve(cfg):
+    # ${hydra:runtime.output_dir} is only set inside a Hydra app; give it a value to resolve the rest.
+    cfg.hydra.runtime.output_dir = "/tmp/embedkit-compose"
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_container(body, resolve=True)
+
+
+def test_experiments_exist():
+    assert "bge_ablation_batchsize" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("scale", ["mini", "paper"])
+@pytest.mark.parametrize("debug", [[], ["debug=smoke"]])
+def test_every_experiment_composes_at_both_scales(experiment, scale, debug):
+    cfg = _compose([f"+experiment={experiment}", f"scale={scale}", *debug])
+    resolved = _resolve(cfg)
+    assert resolved["scale"]["name"] == scale
+    assert resolved["experiment_name"] == experiment
+    rows = resolved["ablation"]["rows"][scale] if resolved.get("ablation") else []
+    for row in rows:
+        for key in row["overrides"]:
+            assert OmegaConf.select(cfg, key) is not None, f"row override {key} names no config key"
+
+
+def test_paper_scale_carries_the_papers_values():
+    cfg = _resolve(_compose(["+experiment=bge_ablation_batchsize", "scale=paper"]))
+    assert cfg["model"]["name"] == "hf"
+    assert cfg["data"]["query_max_len"] == 128 and cfg["data"]["passage_max_len"] == 128
+    assert 1e-5 <= cfg["objective"]["lr"] <= 3e-5
+    assert 0.01 <= cfg["objective"]["temperature"] <= 0.02
+    assert cfg["trainer"]["strategy"] == "ddp"
+    assert cfg["eval"]["_target_"].endswith("OfficialCMTEB")
+    largest = cfg["ablation"]["rows"]["paper"][-1]["overrides"]
+    assert largest["data.batch_size"] * largest["trainer.devices"] * largest["trainer.num_nodes"] == 19200
+
+
+def test_mini_is_the_default_and_runs_on_cpu():
+    cfg = _resolve(_compose([]))
+    assert cfg["scale"]["name"] == "mini"
+    assert cfg["model"]["name"] == "tiny_zh"
+    assert cfg["trainer"]["accelerator"] == "cpu"
+    assert cfg["logger"]["offline"] is True
+    assert Path(cfg["paths"]["data_dir"]).name == "zh-mini" or "EMBEDKIT_DATA_DIR" in __import__("os").environ
+
+
+def test_objective_and_eval_instantiate_from_config():
+    cfg = _compose(["+experiment=bge_ablation_batchsize", "debug=smoke"])
+    _resolve(cfg)
+    suite = instantiate(cfg.eval)
+    assert suite.max_rows == 64 and suite.query_instruction is None
+    objective = instantiate(cfg.objective, encoder=None)
+    assert objective.temperature == 0.02 and objective.train_group_size == 1
+
+
+def test_typo_in_a_group_option_lists_the_valid_options():
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
+        _compose(["model=tiny_zhh"])
+    message = str(err.value)
+    assert "tiny_zhh" in message and "tiny_zh" in message and "hf" in message
+
+
+def test_unknown_experiment_lists_the_experiments():
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
+        _compose(["+experiment=bge_ablation_batchsiz"])
+    assert "bge_ablation_batchsize" in str(err.value)

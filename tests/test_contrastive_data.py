@@ -1,0 +1,113 @@
+"""The contrastive data module: group layout, negative sampling, padding, determinism."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit.data.contrastive import ContrastiveDataModule, GroupBatchSampler
+from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+ROWS = [
+    {"query": f"问题{i}", "pos": [f"答案{i}甲", f"答案{i}乙"], "neg": [f"错误{i}{j}" for j in range(i % 3)]}
+    for i in range(40)
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [r["query"] for r in ROWS] + [t for r in ROWS for t in r["pos"] + r["neg"]] + ["为检索："]
+    return save_tokenizer(build_char_vocab(texts), tmp_path_factory.mktemp("tok"))
+
+
+def _module(tokenizer, tmp_path=None, **kw):
+    args = dict(batch_size=8, train_group_size=3, seed=7, cache_dir=str(tmp_path) if tmp_path else None)
+    args.update(kw)
+    dm = ContrastiveDataModule([lambda: ROWS], **args)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup()
+    return dm
+
+
+def _decode(tokenizer, ids, mask):
+    return tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).replace(" ", "")
+
+
+def test_group_layout_positive_first_then_own_negatives_or_fill(tokenizer):
+    dm = _module(tokenizer)
+    batch = next(iter(dm.train_dataloader()))
+    q, p = batch["query"], batch["passages"]
+    assert p["input_ids"].shape[0] == 3 * q["input_ids"].shape[0]
+    by_query = {r["query"]: r for r in ROWS}
+    all_pos = {t for r in ROWS for t in r["pos"]}
+    for i in range(q["input_ids"].shape[0]):
+        row = by_query[_decode(tokenizer, q["input_ids"][i], q["attention_mask"][i])]
+        group = [_decode(tokenizer, p["input_ids"][3 * i + j], p["attention_mask"][3 * i + j]) for j in range(3)]
+        assert group[0] in row["pos"]
+        for text in group[1:]:
+            if row["neg"]:
+                assert text in row["neg"]          # tiled from the row's own negatives
+            else:
+                assert text not in row["pos"]      # random fill never takes the row's positives
+                assert text in all_pos or text.startswith("错误")
+
+
+def test_instruction_goes_to_queries_only(tokenizer):
+    dm = _module(tokenizer, query_instruction="为检索：")
+    batch = next(iter(dm.train_dataloader()))
+    q = _decode(tokenizer, batch["query"]["input_ids"][0], batch["query"]["attention_mask"][0])
+    p = _decode(tokenizer, batch["passages"]["input_ids"][0], batch["passages"]["attention_mask"][0])
+    assert q.startswith("为检索：问题")
+    assert not p.startswith("为检索")
+
+
+def test_dynamic_padding_pads_to_longest_in_batch(tokenizer):
+    dm = _module(tokenizer)
+    for batch in dm.train_dataloader():
+        mask = batch["passages"]["attention_mask"]
+        assert mask.sum(1).max() == mask.shape[1]
+        assert (batch["passages"]["input_ids"][mask == 0] == tokenizer.pad_token_id).all()
+
+
+def test_same_seed_same_batches_and_epochs_differ(tokenizer, tmp_path):
+    a, b = _module(tokenizer, tmp_path), _module(tokenizer, tmp_path)   # b reads the token cache
+    assert list(tmp_path.glob("tokens/*.npz"))
+    la, lb = a.train_dataloader(), b.train_dataloader()
+    first = [x["passages"]["input_ids"] for x in la]
+    assert all(torch.equal(x, y["passages"]["input_ids"]) for x, y in zip(first, lb))
+    la.batch_sampler.set_epoch(1)
+    second = [x["passages"]["input_ids"] for x in la]
+    assert any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_sampler_drops_last_partial_batch_and_covers_each_example_once():
+    sampler = GroupBatchSampler(np.arange(43), batch_size=8, seed=0, group_by_length=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    seen = [i for b in batches for i, _ in b]
+    assert len(seen) == len(set(seen)) == 40
+
+
+def test_length_grouping_reduces_padding():
+    lengths = np.random.default_rng(0).integers(5, 100, size=4000)
+    def padding(group):
+        s = GroupBatchSampler(lengths, 32, seed=0, group_by_length=group)
+        return sum(len(b) * lengths[[i for i, _ in b]].max() - lengths[[i for i, _ in b]].sum() for b in s)
+    assert padding(True) < 0.5 * padding(False)
+
+
+def test_ranks_take_disjoint_slices_of_one_global_batch():
+    lengths = np.arange(64)
+    r0 = list(GroupBatchSampler(lengths, 8, seed=3, num_replicas=2, rank=0))
+    r1 = list(GroupBatchSampler(lengths, 8, seed=3, num_replicas=2, rank=1))
+    assert len(r0) == len(r1) == 4
+    for a, b in zip(r0, r1):
+        assert not {i for i, _ in a} & {i for i, _ in b}
+
+
+def test_clear_errors_for_impossible_settings(tokenizer):
+    with pytest.raises(ValueError, match="larger than the 40 training examples"):
+        _module(tokenizer, batch_size=64).train_dataloader()
+    with pytest.raises(ValueError, match="train_group_size"):
+        ContrastiveDataModule([lambda: ROWS], train_group_size=0)

@@ -1,0 +1,70 @@
+"""The real entry point, end to end, at smoke size: single run with ablation rows, and a multirun sweep."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
+
+
+def _run(args, tmp_path, timeout=240):
+    env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "run.py", *args, f"paths.log_dir={tmp_path}/logs"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
+    proc = _run(["+experiment=bge_ablation_batchsize", "debug=smoke"], tmp_path)
+    assert "C-Pack Table 4" in proc.stdout and "| batch | Retrieval | STS |" in proc.stdout
+    (run_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "runs").iterdir()
+    rows = _rows(run_dir / "table.csv")
+    assert [r["batch"] for r in rows] == ["32", "128", "512"]
+    for row in rows:
+        for col in CATEGORIES:
+            value = float(row[col])
+            assert math.isfinite(value) and 0.0 <= value <= 100.0, (row["batch"], col, value)
+    assert (run_dir / "table.md").read_text().startswith("| batch |")
+    for label in ["32", "128", "512"]:
+        results = json.loads((run_dir / "rows" / label / "results.json").read_text())
+        assert len(results["tasks"]) == 12
+        assert results["overrides"] == {"data.batch_size": int(label)}
+        assert results["steps"] == 3
+        # the C-MTEB rule: the average is over tasks, not categories
+        assert results["Avg"] == pytest.approx(sum(results["tasks"].values()) / 12, abs=1e-6)
+        assert (run_dir / "rows" / label / "model" / "model.safetensors").exists()
+        # W&B wrote an offline run, with no key and no network
+        assert list((run_dir / "rows" / label / "wandb").glob("offline-run-*"))
+    assert (run_dir / "tokenizer" / "vocab.txt").exists()
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_each_job_and_an_aggregate(tmp_path):
+    _run(["-m", "+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv",
+          "data.batch_size=16,32", "objective.train_group_size=1,2", "eval.tasks=[CMRCRetrieval,STSB]"],
+         tmp_path, timeout=400)
+    (sweep_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "results.json").exists())
+    assert len(jobs) == 4
+    steps = {json.loads((j / "results.json").read_text())["steps"] for j in jobs}
+    assert steps == {3}
+    table = _rows(sweep_dir / "sweep_table.csv")
+    assert {r["job"] for r in table} == {
+        f"data.batch_size={b},objective.train_group_size={g}" for b in (16, 32) for g in (1, 2)}
+    assert all(math.isfinite(float(r["Avg"])) for r in table)
+    assert all(r["Retrieval"] and r["STS"] and not r["CLF"] for r in table)  # only the two tasks asked for
