@@ -44,7 +44,7 @@ def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
         results = json.loads((run_dir / "rows" / label / "results.json").read_text())
         assert len(results["tasks"]) == 12
         assert results["overrides"] == {"data.batch_size": int(label)}
-        assert results["steps"] == 3
+        assert results["steps"] == min(3, 600 // int(label))  # smoke: 600 examples, max 3 steps, 1 epoch
         # the C-MTEB rule: the average is over tasks, not categories
         assert results["Avg"] == pytest.approx(sum(results["tasks"].values()) / 12, abs=1e-6)
         assert (run_dir / "rows" / label / "model" / "model.safetensors").exists()
