@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from embedkit.data.base import TextDataModule
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class GroupCollator:
         return {"query": pad_rows(queries, self.pad_id), "passages": pad_rows(passages, self.pad_id)}
 
 
-class ContrastiveDataModule(pl.LightningDataModule):
+class ContrastiveDataModule(TextDataModule):
     """Reads the configured sources, tokenises once, and serves (query, group) batches.
 
     `sources` are callables that return FlagEmbedding rows ({"query", "pos", "neg"}); Hydra builds
@@ -199,54 +200,23 @@ class ContrastiveDataModule(pl.LightningDataModule):
                  query_instruction: str | None = None, group_by_length: bool = True,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
                  max_examples: int | None = None):
-        super().__init__()
+        super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
+                         num_workers=num_workers, max_examples=max_examples)
         if train_group_size < 1:
             raise ValueError(f"train_group_size counts the positive too and must be >= 1, got {train_group_size}")
-        self.sources = list(sources)
-        self.batch_size = batch_size
         self.train_group_size = train_group_size
         self.query_max_len = query_max_len
         self.passage_max_len = passage_max_len
         self.query_instruction = query_instruction or ""
         self.group_by_length = group_by_length
-        self.seed = seed
-        self.cache_dir = cache_dir
-        self.num_workers = num_workers
-        self.max_examples = max_examples
-        self.tokenizer = None
-        self._examples: list[dict] | None = None
         self.dataset: GroupDataset | None = None
 
-    @property
-    def examples(self) -> list[dict]:
-        if self._examples is None:
-            examples = [row for source in self.sources for row in source()]
-            if not examples:
-                raise ValueError("the configured training sources produced no examples")
-            if self.max_examples and len(examples) > self.max_examples:
-                keep = np.random.default_rng(self.seed).choice(len(examples), self.max_examples,
-                                                               replace=False)
-                examples = [examples[i] for i in np.sort(keep)]
-            self._examples = examples
-        return self._examples
-
-    def use_examples(self, examples: list[dict]) -> None:
-        """Share rows already read by another module (ablation rows differ in batching, not data)."""
-        self._examples = examples
+    def texts_of(self, example: dict) -> list[str]:
+        return [example["query"], *example["pos"], *example.get("neg", ())]
 
     def vocab_texts(self) -> list[str]:
-        """Every training text, for building a character vocabulary."""
-        texts = []
-        for ex in self.examples:
-            texts.append(ex["query"])
-            texts.extend(ex["pos"])
-            texts.extend(ex.get("neg", ()))
-        if self.query_instruction:
-            texts.append(self.query_instruction)
-        return texts
-
-    def attach_tokenizer(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
+        texts = super().vocab_texts()
+        return texts + [self.query_instruction] if self.query_instruction else texts
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

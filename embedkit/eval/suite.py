@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 
+_SUITE_DEFAULT = object()
+
+
 class _Suite:
     name = "suite"
 
@@ -31,14 +34,27 @@ class _Suite:
     def _load_tasks(self):
         raise NotImplementedError
 
-    def evaluate(self, encoder, model_name: str, revision: str, output_dir: str | Path) -> dict:
+    def evaluate(self, encoder=None, *, model_name: str, revision: str, output_dir: str | Path,
+                 task_types: Sequence[str] | None = None, mteb_model=None,
+                 query_instruction: str | None | object = _SUITE_DEFAULT) -> dict:
+        """Score `encoder` (or a ready mteb model, e.g. M3's own search) on the suite's tasks.
+
+        `task_types` restricts the run to some mteb task types (e.g. Retrieval and Reranking for a
+        retrieval-only mode); the results then carry only those categories. `query_instruction`
+        overrides the suite's for this call (a recipe row evaluates with its last stage's).
+        """
         from embedkit.eval.cmteb import evaluate_tasks
         from embedkit.eval.encoder import MtebEncoder
 
-        wrapper = MtebEncoder(encoder, model_name=model_name, revision=revision,
-                              query_instruction=self.query_instruction,
-                              embed_dim=getattr(encoder, "dim", None))
-        results = evaluate_tasks(wrapper, self.tasks(), output_dir, batch_size=self.batch_size,
+        if mteb_model is None:
+            mteb_model = MtebEncoder(encoder, model_name=model_name, revision=revision,
+                                     query_instruction=self.query_instruction
+                                     if query_instruction is _SUITE_DEFAULT else query_instruction,
+                                     embed_dim=getattr(encoder, "dim", None))
+        tasks = self.tasks()
+        if task_types:
+            tasks = [t for t in tasks if t.metadata.type in set(task_types)]
+        results = evaluate_tasks(mteb_model, tasks, output_dir, batch_size=self.batch_size,
                                  show_progress=self.show_progress)
         results["suite"] = self.name
         return results

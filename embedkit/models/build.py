@@ -137,3 +137,28 @@ def load_encoder(path: str | Path, device: str = "cpu") -> TextEncoder:
     tokenizer = AutoTokenizer.from_pretrained(path)
     backbone = _backbone_without_pooler(path)
     return TextEncoder(backbone, tokenizer, **settings).to(device)
+
+
+def init_encoder_from(encoder: TextEncoder, path: str | Path) -> TextEncoder:
+    """Load a previous stage's weights (a `save_pretrained` folder) into a freshly built encoder.
+
+    Strict: the architecture and vocabulary must match, which the shared character vocabulary and
+    the stage's own model config guarantee; a mismatch is a configuration error worth stopping on.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: no encoder weights to initialise from (model.init_from)")
+    state = load_file(str(weights))
+    try:
+        missing, unexpected = encoder.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{weights} does not fit the configured encoder: {e}") from e
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not fit the configured encoder: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (is the model config the same as that stage's?)")
+    log.info("initialised the encoder from %s", path)
+    return encoder

@@ -43,13 +43,16 @@ class InfoNCE(EmbeddingObjective):
         self.train_group_size = train_group_size
         self.save_hyperparameters(ignore=["encoder"])
 
-    def training_step(self, batch, batch_idx):
-        q = self.encoder(**batch["query"])
-        p = self.encoder(**batch["passages"])
-        loss = info_nce_loss(q, p, self.temperature)
-        with torch.no_grad():
-            g = p.shape[0] // q.shape[0]
-            pos = (q * p[::g]).sum(-1).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=q.shape[0])
-        self.log("train/pos_score", pos, batch_size=q.shape[0])
-        return loss
+    def embed(self, batch) -> dict[str, torch.Tensor]:
+        return {"query": self.encoder(**batch["query"]), "passages": self.encoder(**batch["passages"])}
+
+    def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
+        return info_nce_loss(embeddings["query"], embeddings["passages"], self.temperature)
+
+    def log_extras(self, embeddings, batch) -> None:
+        q, p = embeddings["query"], embeddings["passages"]
+        g = p.shape[0] // q.shape[0]
+        self.log("train/pos_score", (q * p[::g]).sum(-1).mean(), batch_size=q.shape[0])
+        if g > 1:
+            negs = (q.unsqueeze(1) * p.view(q.shape[0], g, -1)[:, 1:]).sum(-1)
+            self.log("train/hard_neg_score", negs.mean(), batch_size=q.shape[0])

@@ -1,20 +1,26 @@
 """Train, evaluate, tabulate: the whole run, top to bottom.
 
 1. Resolve the rows to run. An experiment lists ablation rows per scale (e.g. batch sizes); a
-   plain run or one job of a `-m` sweep is a single row.
-2. Read the training data once and build the tokenizer from it (a character vocabulary for
-   `model=tiny_zh`, the checkpoint's own for `model=hf`).
-3. Per row: seed, build a fresh encoder, wrap it in the objective's LightningModule, train with
-   the configured Trainer and logger.
-4. Per row: evaluate on the configured suite (mini C-MTEB through mteb by default) and write
+   plain run or one job of a `-m` sweep is a single row. A row may be a chain of stages
+   (RetroMAE, then general fine-tuning, then task fine-tuning): each stage's encoder initialises
+   the next through `model.init_from`.
+2. Read every stage's training data once and build one tokenizer from it (a character vocabulary
+   for `model=tiny_zh`, the checkpoint's own for `model=hf`), so all stages share an id space.
+3. Per stage: seed, build a fresh encoder (or load the previous stage's), wrap it in the stage
+   objective's LightningModule, train with the configured Trainer and logger. A stage already
+   trained by an earlier row with the same settings is reused, not retrained.
+4. Per row: evaluate the final encoder on the configured suite (mini C-MTEB through mteb by
+   default), once per variant the objective names (Matryoshka dims, M3 retrieval modes), and write
    `results.json` and the encoder into the row's folder.
 5. Write the table (Markdown + CSV) and print it beside the paper's table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -23,21 +29,30 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+DONE = ".done"
 
+
+# ---------------------------------------------------------------- rows and stages
 
 def ablation_rows(cfg: DictConfig) -> list[dict]:
-    """[{label, paper_row, overrides}] for this invocation."""
+    """[{label, paper_row, overrides, stages}] for this invocation."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    rows = (cfg.get("ablation") or {}).get("rows", {}).get(cfg.scale.name) if cfg.get("ablation") else None
+    hydra_on = HydraConfig.initialized()
+    multirun = hydra_on and HydraConfig.get().mode == RunMode.MULTIRUN
+    ablation = cfg.get("ablation") or {}
+    rows = (ablation.get("rows") or {}).get(cfg.scale.name)
     if multirun or not rows:
-        label = "run"
-        if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
-            label = HydraConfig.get().job.override_dirname
-        return [{"label": label, "paper_row": None, "overrides": {}}]
-    return [OmegaConf.to_container(r, resolve=False) for r in rows]
+        label = (HydraConfig.get().job.override_dirname if hydra_on else "") or "run"
+        return [{"label": label, "paper_row": None, "overrides": {}, "stages": None}]
+    out = []
+    for r in rows:
+        row = OmegaConf.to_container(r, resolve=False)
+        row.setdefault("overrides", {})
+        row["stages"] = list(row.get("stages") or []) or None
+        out.append(row)
+    return out
 
 
 def row_config(cfg: DictConfig, overrides: dict) -> DictConfig:
@@ -48,77 +63,110 @@ def row_config(cfg: DictConfig, overrides: dict) -> DictConfig:
     return row_cfg
 
 
-def make_logger(cfg: DictConfig, row_label: str, row_dir: Path):
-    if cfg.get("logger") is None:
-        return False
-    target = cfg.logger.get("_target_", "")
-    if target.endswith("WandbLogger"):
-        # W&B reads its mode from the environment too; offline must hold without a key or network.
-        import os
+def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) -> DictConfig:
+    """The row's config with one stage's objective and data swapped in (and its trainer/model tweaks)."""
+    cfg = row_cfg.copy()
+    with open_dict(cfg):
+        if stage is not None:
+            if stage not in (cfg.get("stages") or {}):
+                raise KeyError(f"row uses stage {stage!r}, but `stages` defines {list(cfg.get('stages') or {})}")
+            spec = cfg.stages[stage]
+            cfg.objective = spec.objective
+            cfg.data = spec.data
+            for part in ("trainer", "model"):
+                if spec.get(part) is not None:
+                    cfg[part] = OmegaConf.merge(cfg[part], spec[part])
+        if init_from is not None:
+            cfg.model.init_from = init_from
+    return cfg
 
-        if cfg.logger.get("offline", True):
-            os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return instantiate(cfg.logger, name=f"{cfg.experiment_name}/{row_label}",
-                           save_dir=str(row_dir))
-    return instantiate(cfg.logger, save_dir=str(row_dir))
+
+def stage_key(cfg: DictConfig) -> str:
+    """What makes a stage's result: its objective, data, model, trainer, seed and initialisation."""
+    parts = {k: cfg.get(k) for k in ("objective", "data", "model", "trainer", "seed")}
+    text = OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in parts.items() if v is not None}), resolve=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def safe_label(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)) or "run"
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)).strip("_") or "run"
 
 
-def train_and_evaluate(cfg: DictConfig, row: dict, tokenizer, examples, out_dir: Path,
-                       suite) -> dict:
+# ---------------------------------------------------------------- one stage
+
+def make_logger(cfg: DictConfig, name: str, save_dir: Path):
+    if cfg.get("logger") is None:
+        return False
+    if cfg.logger.get("_target_", "").endswith("WandbLogger"):
+        # W&B also reads its mode from the environment; offline must hold without a key or network.
+        if cfg.logger.get("offline", True):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return instantiate(cfg.logger, name=name, save_dir=str(save_dir))
+    return instantiate(cfg.logger, save_dir=str(save_dir))
+
+
+def finish_logger(logger) -> None:
+    if type(logger).__name__ == "WandbLogger":
+        logger.experiment.finish()
+
+
+def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out_dir: Path):
+    """Train one stage; returns (module, trainer, logger, seconds)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor
 
-    row_cfg = row_config(cfg, row["overrides"])
-    pl.seed_everything(row_cfg.seed, workers=True, verbose=False)
+    from embedkit.models.build import init_encoder_from
 
-    data = instantiate(row_cfg.data)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = instantiate(cfg.data)
     data.use_examples(examples)
     data.attach_tokenizer(tokenizer)
-    encoder = instantiate(row_cfg.model.encoder, tokenizer=tokenizer)
-    module = instantiate(row_cfg.objective, encoder=encoder)
+    encoder = instantiate(cfg.model.encoder, tokenizer=tokenizer)
+    if cfg.model.get("init_from"):
+        init_encoder_from(encoder, cfg.model.init_from)
+    module = instantiate(cfg.objective, encoder=encoder)
 
-    logger = make_logger(row_cfg, row["label"], out_dir)
+    logger = make_logger(cfg, name, out_dir)
     if logger:
-        logger.log_hyperparams(OmegaConf.to_container(row_cfg, resolve=True))
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
-    trainer = instantiate(row_cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
-    log.info("row %s: training %s with %s", row["label"], row_cfg.model.name,
-             row_cfg.objective._target_.rsplit(".", 1)[-1])
+    log.info("%s: training %s with %s%s", name, cfg.model.name,
+             cfg.objective._target_.rsplit(".", 1)[-1],
+             f" from {cfg.model.init_from}" if cfg.model.get("init_from") else "")
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    train_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
 
-    encoder.save_pretrained(out_dir / "model")
-    start = time.perf_counter()
-    results = suite.evaluate(encoder, model_name=f"embedkit/{cfg.experiment_name}",
-                             revision=safe_label(row["label"]), output_dir=out_dir)
-    eval_seconds = time.perf_counter() - start
-
-    results.update({
-        "label": row["label"], "paper_row": row.get("paper_row"), "overrides": row["overrides"],
-        "scale": cfg.scale.name, "steps": int(trainer.global_step),
-        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-        "final_train_loss": _final(trainer, "train/loss"),
-    })
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
-                                          encoding="utf-8")
-    if logger:
-        logger.log_metrics({f"eval/{k}": v for k, v in results.get("categories", {}).items()}
-                           | {"eval/Avg": results.get("Avg")}, step=int(trainer.global_step))
-        if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-            logger.experiment.finish()
-    return results
+    model_dir = out_dir / "model"
+    encoder.save_pretrained(model_dir)
+    module.save_extras(model_dir)
+    (model_dir / DONE).write_text(json.dumps({"steps": int(trainer.global_step)}))
+    return module, trainer, logger, seconds
 
 
-def _final(trainer, key: str):
-    value = trainer.callback_metrics.get(key)
-    return None if value is None else float(value)
+# ---------------------------------------------------------------- the run
+
+class Examples:
+    """Training rows read once per distinct data source config, shared by rows and stages."""
+
+    def __init__(self):
+        self._by_key: dict[str, list[dict]] = {}
+
+    def key(self, data_cfg: DictConfig) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create({"sources": data_cfg.get("sources"),
+                                                   "max_examples": data_cfg.get("max_examples"),
+                                                   "seed": data_cfg.get("seed")}), resolve=True)
+
+    def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
+        key = self.key(data_cfg)
+        data = instantiate(data_cfg)
+        if key not in self._by_key:
+            self._by_key[key] = data.examples
+        data.use_examples(self._by_key[key])
+        return self._by_key[key], data.vocab_texts()
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -126,27 +174,106 @@ def run(cfg: DictConfig) -> float | None:
 
     out_dir = Path(cfg.paths.output_dir)
     rows = ablation_rows(cfg)
+    examples = Examples()
 
-    data = instantiate(cfg.data)
-    examples = data.examples
-    tokenizer = instantiate(cfg.model.tokenizer, texts=data.vocab_texts(),
-                            out_dir=str(out_dir / "tokenizer"))
+    # One tokenizer for every stage of every row: read all their data first.
+    vocab_texts: list[str] = []
+    seen = set()
+    for row in rows:
+        row_cfg = row_config(cfg, row["overrides"])
+        for stage in row["stages"] or [None]:
+            data_cfg = stage_config(row_cfg, stage, None).data
+            if examples.key(data_cfg) not in seen:
+                seen.add(examples.key(data_cfg))
+                vocab_texts += examples.get(data_cfg)[1]
+    tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"))
     suite = instantiate(cfg.eval)
 
     table_rows, last = [], None
     for row in rows:
         row_dir = out_dir if len(rows) == 1 else out_dir / "rows" / safe_label(row["label"])
         row_dir.mkdir(parents=True, exist_ok=True)
-        results = train_and_evaluate(cfg, row, tokenizer, examples, row_dir, suite)
-        table_rows.append(row_from_results(row["label"], results))
-        last = results.get("Avg")
+        results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
+        for variant, res in results.items():
+            label = row["label"] if not variant else (variant if row["label"] == "run" and len(rows) == 1
+                                                      else f"{row['label']} {variant}")
+            table_rows.append(row_from_results(label, res))
+            last = res.get("Avg")
 
     ablation = cfg.get("ablation") or {}
-    first = ablation.get("column", "run")
-    markdown = write_table(table_rows, out_dir, first=first)
+    markdown = write_table(table_rows, out_dir, first=ablation.get("column", "run"))
     title = f"embedkit {cfg.experiment_name} ({cfg.scale.name} scale, {suite.name})"
-    report = side_by_side(markdown, title, ablation.get("paper_table"),
-                          ablation.get("paper_title", "Paper"))
-    print("\n" + report + "\n")
+    paper = ablation.get("paper_table")
+    print("\n" + side_by_side(markdown, title, paper if paper and Path(paper).exists() else None,
+                              ablation.get("paper_title", "Paper")) + "\n")
+    if ablation.get("paper_finding"):
+        print(f"Paper finding to compare against: {ablation.paper_finding}\n")
     print(f"Tables written to {out_dir}/table.md and table.csv")
     return last
+
+
+def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, row_dir: Path,
+            out_dir: Path) -> dict[str, dict]:
+    """Train the row's stages, evaluate every variant; returns {variant label: results}."""
+    row_cfg = row_config(cfg, row["overrides"])
+    chain = list(row["stages"] or [None])
+    init, steps, train_seconds = row_cfg.model.get("init_from"), {}, 0.0
+    for i, stage in enumerate(chain):
+        stage_cfg = stage_config(row_cfg, stage, init)
+        final = i == len(chain) - 1
+        name = f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")
+        if final:
+            stage_dir = row_dir
+        else:
+            stage_dir = out_dir / "stages" / f"{stage}-{stage_key(stage_cfg)}"
+            if (stage_dir / "model" / DONE).exists():
+                log.info("%s: reusing %s", name, stage_dir)
+                steps[stage] = json.loads((stage_dir / "model" / DONE).read_text())["steps"]
+                init = str(stage_dir / "model")
+                continue
+        stage_examples, _ = examples.get(stage_cfg.data)
+        module, trainer, logger, seconds = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
+        steps[stage or "train"] = int(trainer.global_step)
+        train_seconds += seconds
+        init = str(stage_dir / "model")
+        if not final:
+            finish_logger(logger)
+
+    all_results: dict[str, dict] = {}
+    instruction = stage_cfg.eval.get("query_instruction") if "eval" in stage_cfg else None
+    for variant, kwargs in module.eval_targets().items():
+        kwargs = {"query_instruction": instruction, **kwargs}
+        variant_dir = row_dir if not variant else row_dir / "variants" / safe_label(variant)
+        start = time.perf_counter()
+        results = suite.evaluate(**kwargs, model_name=f"embedkit/{cfg.experiment_name}",
+                                 revision=safe_label(f"{row['label']}-{variant}" if variant else row["label"]),
+                                 output_dir=variant_dir)
+        results.update({
+            "label": row["label"], "variant": variant, "paper_row": row.get("paper_row"),
+            "overrides": row["overrides"], "stages": chain if chain != [None] else None,
+            "scale": cfg.scale.name, "steps": steps.get(chain[-1] or "train"), "stage_steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(time.perf_counter() - start, 1),
+            "final_train_loss": _metric(trainer, "train/loss"),
+        })
+        (variant_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
+                                                  encoding="utf-8")
+        all_results[variant] = results
+        if logger:
+            prefix = f"eval/{variant}/" if variant else "eval/"
+            logger.log_metrics({f"{prefix}{k}": v for k, v in results.get("categories", {}).items()}
+                               | {f"{prefix}Avg": results.get("Avg")}, step=int(trainer.global_step))
+    if "" not in all_results and all_results:
+        # Variant-only objectives (Matryoshka) still leave one results.json at the row's root, for sweeps.
+        summary = dict(list(all_results.values())[-1])
+        summary["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
+                               for k, v in all_results.items()}
+        (row_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False),
+                                              encoding="utf-8")
+    finish_logger(logger)
+    return all_results
+
+
+def _metric(trainer, key: str):
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
