@@ -89,3 +89,49 @@ def test_unknown_experiment_lists_the_experiments():
     with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
         _compose(["+experiment=bge_ablation_batchsiz"])
     assert "bge_ablation_batchsize" in str(err.value)
+
+
+def test_model_hf_config_builds_from_a_local_checkpoint(tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+    tok = save_tokenizer(build_char_vocab(["检索模型测试"]), tmp_path / "ckpt")
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "ckpt")
+    cfg = _compose(["model=hf", f"model.name_or_path={tmp_path / 'ckpt'}"])
+    _resolve(cfg)
+    tokenizer = instantiate(cfg.model.tokenizer, texts=None, out_dir=str(tmp_path / "run_tok"))
+    encoder = instantiate(cfg.model.encoder, tokenizer=tokenizer)
+    assert encoder.pooling == "cls" and encoder.dim == 32
+    assert (tmp_path / "run_tok" / "tokenizer_config.json").exists()
+    emb = encoder.encode(["检索测试", "模型"])
+    assert emb.shape == (2, 32) and abs(float((emb[0] ** 2).sum()) - 1) < 1e-5
+
+
+def test_missing_data_dir_says_where_it_looked_and_how_to_fix_it(tmp_path):
+    from embedkit.data.paths import require_data_dir
+
+    with pytest.raises(FileNotFoundError) as err:
+        require_data_dir(tmp_path / "nope")
+    message = str(err.value)
+    assert str(tmp_path / "nope") in message
+    assert "EMBEDKIT_DATA_DIR" in message and "paths.data_dir" in message
+
+
+def test_paper_scale_data_reads_cmtp_files_from_a_local_stand_in(tmp_path, monkeypatch):
+    import json
+
+    for name, n in [("part-0.jsonl", 3), ("part-1.jsonl", 2)]:
+        with open(tmp_path / name, "w", encoding="utf-8") as f:
+            for i in range(n):
+                f.write(json.dumps({"query": f"{name}问题{i}", "pos": [f"段落{i}"], "neg": []}, ensure_ascii=False) + "\n")
+    monkeypatch.setenv("CMTP_DIR", str(tmp_path))
+    cfg = _compose(["+experiment=bge_ablation_batchsize", "scale=paper"])
+    _resolve(cfg)
+    data = instantiate(cfg.data)
+    assert len(data.examples) == 5 and data.batch_size == 800
+    monkeypatch.setenv("CMTP_DIR", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="CMTP_DIR"):
+        instantiate(_compose(["scale=paper"]).data).examples

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from embedkit.models.encoder import ENCODER_CONFIG, TextEncoder
+from embedkit.models.encoder import ENCODER_CONFIG, PROJECTION_WEIGHTS, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,9 @@ def pretrained_tokenizer(name_or_path: str, out_dir: str | Path | None = None,
 def tiny_zh_encoder(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
                     intermediate_size: int = 1024, max_position_embeddings: int = 512,
                     dropout: float = 0.1, attn_implementation: str = "sdpa",
-                    pooling: str = "cls", normalize: bool = True, max_length: int = 128) -> TextEncoder:
-    """A freshly initialised BERT sized for a 2-core CPU."""
+                    pooling: str = "cls", normalize: bool = True, max_length: int = 128,
+                    projection_dim: int | None = None) -> TextEncoder:
+    """A freshly initialised BERT sized for a 2-core CPU (`projection_dim`: see TextEncoder)."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -100,18 +101,21 @@ def tiny_zh_encoder(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_
     config._attn_implementation = attn_implementation
     backbone = BertModel(config, add_pooling_layer=False)
     return TextEncoder(backbone, tokenizer, pooling=pooling, normalize=normalize,
-                       max_length=max_length)
+                       max_length=max_length, projection_dim=projection_dim)
 
 
 def hf_encoder(tokenizer, name_or_path: str, revision: str | None = None, pooling: str = "cls",
                normalize: bool = True, max_length: int = 512, trust_remote_code: bool = False,
-               attn_implementation: str | None = "sdpa") -> TextEncoder:
-    """A pre-trained Hugging Face encoder without its pooler head."""
+               attn_implementation: str | None = "sdpa",
+               projection_dim: int | None = None) -> TextEncoder:
+    """A pre-trained Hugging Face encoder without its pooler head (`projection_dim`: a fresh
+    linear head after pooling, e.g. Conan's 1024 -> 1792; see TextEncoder)."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     return TextEncoder(_backbone_without_pooler(name_or_path, **kwargs), tokenizer,
-                       pooling=pooling, normalize=normalize, max_length=max_length)
+                       pooling=pooling, normalize=normalize, max_length=max_length,
+                       projection_dim=projection_dim)
 
 
 def _backbone_without_pooler(name_or_path, **kwargs):
@@ -136,7 +140,13 @@ def load_encoder(path: str | Path, device: str = "cpu") -> TextEncoder:
         settings.update(json.loads((path / ENCODER_CONFIG).read_text()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     backbone = _backbone_without_pooler(path)
-    return TextEncoder(backbone, tokenizer, **settings).to(device)
+    encoder = TextEncoder(backbone, tokenizer, **settings)
+    if encoder.projection is not None:
+        if not (path / PROJECTION_WEIGHTS).exists():
+            raise FileNotFoundError(f"{path / ENCODER_CONFIG} names a projection of width "
+                                    f"{encoder.projection_dim}, but {PROJECTION_WEIGHTS} is missing")
+        encoder.load_projection(path / PROJECTION_WEIGHTS)
+    return encoder.to(device)
 
 
 def init_encoder_from(encoder: TextEncoder, path: str | Path) -> TextEncoder:
@@ -160,5 +170,15 @@ def init_encoder_from(encoder: TextEncoder, path: str | Path) -> TextEncoder:
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit the configured encoder: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} (is the model config the same as that stage's?)")
+    # The optional projection head (TextEncoder.projection_dim) travels with the backbone. A stage
+    # that adds one starts it fresh; dropping a trained one would lose weights, so that stops.
+    projection = path / PROJECTION_WEIGHTS
+    if projection.exists():
+        if encoder.projection is None:
+            raise ValueError(f"{path} holds a trained projection head ({PROJECTION_WEIGHTS}), but the "
+                             f"configured encoder has none; set model.encoder.projection_dim")
+        encoder.load_projection(projection)
+    elif encoder.projection is not None:
+        log.info("%s has no projection head; the encoder's projection starts from scratch", path)
     log.info("initialised the encoder from %s", path)
     return encoder

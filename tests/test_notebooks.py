@@ -1,0 +1,92 @@
+"""Execute the results notebooks headless (nbclient) on a small synthetic run folder.
+
+The kernel is started from a kernelspec written into tmp_path whose argv is this interpreter
+(`sys.executable`), so the notebook runs in the same virtual environment as pytest, whatever
+kernelspecs the user or the system has installed.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "bge_batch_size.ipynb"
+
+TABLE = """batch,Retrieval,STS,PairCLF,CLF,Rerank,Cluster,Avg
+32,12.2785,23.5626,51.7392,8.2833,53.6805,4.4809,28.5342
+128,14.1300,26.4874,53.2094,9.7159,54.9035,4.3627,30.3761
+512,16.6890,26.4968,53.2086,10.2151,58.3590,4.4530,31.4307
+"""
+
+
+def _kernel_manager(tmp_path: Path) -> KernelManager:
+    spec_dir = tmp_path / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test venv)",
+        "language": "python",
+    }))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+    return KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
+
+
+def _execute(tmp_path: Path, run_dir: Path, out_dir: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, "the notebook needs exactly one cell tagged `parameters`"
+    params[0].source = f"RUN_DIR = {str(run_dir)!r}\nOUT_DIR = {str(out_dir)!r}\n"
+    # Runs first, so even a failing notebook tells which interpreter the kernel used.
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    workdir = tmp_path / "cwd"  # outside the repo: the notebook must find the root by itself
+    workdir.mkdir(exist_ok=True)
+    client = NotebookClient(nb, km=_kernel_manager(tmp_path), kernel_name="python3", timeout=120,
+                            resources={"metadata": {"path": str(workdir)}})
+    try:
+        client.execute()
+    finally:
+        kernel_python = "".join(o.get("text", "") for o in nb.cells[0].get("outputs", [])).strip()
+        assert kernel_python == sys.executable, f"kernel ran {kernel_python!r}, not {sys.executable}"
+    return nb
+
+
+def test_notebook_is_committed_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "clear the outputs"
+
+
+def test_batch_size_notebook_writes_png(tmp_path):
+    run_dir = tmp_path / "runs" / "2026-01-01_00-00-00"
+    run_dir.mkdir(parents=True)
+    (run_dir / "table.csv").write_text(TABLE)
+    out_dir = tmp_path / "figures"
+
+    nb = _execute(tmp_path, run_dir, out_dir)
+
+    png = out_dir / "batch_size_vs_score.png"
+    assert png.is_file()
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000, f"suspiciously small PNG ({len(data)} bytes)"
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert "Retrieval" in printed and "agree" in printed  # the direction table was printed
+
+
+def test_batch_size_notebook_fails_without_table(tmp_path):
+    run_dir = tmp_path / "empty_run"
+    run_dir.mkdir()
+    with pytest.raises(CellExecutionError) as err:
+        _execute(tmp_path, run_dir, tmp_path / "figures")
+    message = str(err.value)
+    assert "FileNotFoundError" in message and str(run_dir) in message
+    assert not (tmp_path / "figures").exists()
