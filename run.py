@@ -5,8 +5,14 @@ the work. Heavy libraries (Lightning, mteb, wandb) are imported inside the recip
 and config errors answer fast.
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
+
+# On small shared machines, OpenMP threads that spin while waiting made the same training steps
+# swing from 3 s to 50 s; passive waiting keeps them steady. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 import embedkit.config  # noqa: F401  registers the ${embedkit_root:} resolver
 

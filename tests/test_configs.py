@@ -44,7 +44,7 @@ def test_every_experiment_composes_at_both_scales(experiment, scale, debug):
     assert resolved["experiment_name"] == experiment
     rows = resolved["ablation"]["rows"][scale] if resolved.get("ablation") else []
     for row in rows:
-        for key in row["overrides"]:
+        for key in row.get("overrides") or {}:
             assert OmegaConf.select(cfg, key) is not None, f"row override {key} names no config key"
 
 

@@ -111,3 +111,11 @@ def test_clear_errors_for_impossible_settings(tokenizer):
         _module(tokenizer, batch_size=64).train_dataloader()
     with pytest.raises(ValueError, match="train_group_size"):
         ContrastiveDataModule([lambda: ROWS], train_group_size=0)
+
+
+def test_lightning_finds_set_epoch_on_the_batch_sampler(tokenizer):
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+
+    loader = _module(tokenizer).train_dataloader()
+    _set_sampler_epoch(loader, 3)
+    assert loader.batch_sampler.epoch == 3

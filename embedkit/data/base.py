@@ -55,3 +55,19 @@ class TextDataModule(pl.LightningDataModule):
 
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def group_batch_sampler(self, lengths: np.ndarray, group_by_length: bool):
+        """Fixed-size, seeded, epoch-aware batches; under DDP each rank takes its slice of a global batch."""
+        import torch
+
+        from embedkit.data.contrastive import GroupBatchSampler
+
+        num_replicas, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        if len(lengths) < self.batch_size * num_replicas:
+            raise ValueError(
+                f"batch size {self.batch_size} x {num_replicas} device(s) is larger than the "
+                f"{len(lengths)} training examples; lower data.batch_size or add data")
+        return GroupBatchSampler(lengths, self.batch_size, self.seed, group_by_length,
+                                 drop_last=True, num_replicas=num_replicas, rank=rank)

@@ -137,8 +137,14 @@ class GroupBatchSampler(Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        # Lightning calls this at the start of every epoch.
         self.epoch = epoch
+
+    @property
+    def sampler(self):
+        # Lightning calls set_epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`,
+        # never on the batch sampler itself; exposing ourselves here puts us on that path, so each
+        # epoch gets a new order (and new negatives, and new masks).
+        return self
 
     def global_batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng((self.seed, self.epoch))
@@ -240,18 +246,10 @@ class ContrastiveDataModule(TextDataModule):
                  len(self.dataset), len(passages), self.train_group_size)
 
     def batch_sampler(self) -> GroupBatchSampler:
-        num_replicas, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         ds = self.dataset
         first_pos = np.array([p[0] for p in ds.pos])
-        lengths = ds.queries.lengths() + ds.passages.lengths()[first_pos]
-        if len(lengths) < self.batch_size * num_replicas:
-            raise ValueError(
-                f"batch size {self.batch_size} x {num_replicas} device(s) is larger than the "
-                f"{len(lengths)} training examples; lower data.batch_size or add data")
-        return GroupBatchSampler(lengths, self.batch_size, self.seed, self.group_by_length,
-                                 drop_last=True, num_replicas=num_replicas, rank=rank)
+        return self.group_batch_sampler(ds.queries.lengths() + ds.passages.lengths()[first_pos],
+                                        self.group_by_length)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=self.batch_sampler(),

@@ -71,8 +71,11 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
             if stage not in (cfg.get("stages") or {}):
                 raise KeyError(f"row uses stage {stage!r}, but `stages` defines {list(cfg.get('stages') or {})}")
             spec = cfg.stages[stage]
+            cap = cfg.data.get("max_examples")
             cfg.objective = spec.objective
             cfg.data = spec.data
+            if cap and not cfg.data.get("max_examples"):
+                cfg.data.max_examples = cap   # a cap on the run (debug=smoke) caps every stage
             for part in ("trainer", "model"):
                 if spec.get(part) is not None:
                     cfg[part] = OmegaConf.merge(cfg[part], spec[part])
@@ -83,9 +86,11 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
 
 def stage_key(cfg: DictConfig) -> str:
     """What makes a stage's result: its objective, data, model, trainer, seed and initialisation."""
-    parts = {k: cfg.get(k) for k in ("objective", "data", "model", "trainer", "seed")}
-    text = OmegaConf.to_yaml(OmegaConf.create({k: v for k, v in parts.items() if v is not None}), resolve=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    # Resolved node by node, in place: their interpolations need the root, and other stages'
+    # nodes may not resolve against this stage's objective.
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+             for k in ("objective", "data", "model", "trainer", "seed") if k in cfg}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def safe_label(label: str) -> str:
@@ -129,7 +134,10 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
 
     logger = make_logger(cfg, name, out_dir)
     if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        # This stage's config as it ran; the other stages' nodes are left out (they may not resolve
+        # against this stage's objective).
+        logger.log_hyperparams(OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
@@ -156,9 +164,9 @@ class Examples:
         self._by_key: dict[str, list[dict]] = {}
 
     def key(self, data_cfg: DictConfig) -> str:
-        return OmegaConf.to_yaml(OmegaConf.create({"sources": data_cfg.get("sources"),
-                                                   "max_examples": data_cfg.get("max_examples"),
-                                                   "seed": data_cfg.get("seed")}), resolve=True)
+        # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
+        return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
+                           for k in ("sources", "max_examples", "seed")}, sort_keys=True, default=str)
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
         key = self.key(data_cfg)

@@ -1,0 +1,330 @@
+"""RetroMAE: retrieval-oriented pre-training with a masked auto-encoder (stage 1 of the BGE recipe).
+
+Xiao, Liu, Shao and Cao, "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked
+Auto-Encoder", EMNLP 2022 (arXiv:2205.12035); as used by FlagEmbedding's
+`research/baai_general_embedding/retromae_pretrain` to pre-train BGE before contrastive learning.
+
+For a text x = (x_0 = [CLS], x_1, ..., x_{L-1}):
+
+Encoder. x is corrupted by a whole-word mask at ratio 0.3 (BERT's 80/10/10) into x̃_enc; the
+encoder reads x̃_enc, its final-layer [CLS] state is the sentence embedding h, and the shared MLM
+head predicts the masked tokens M_enc:
+
+    L_enc = −(1/|M_enc|) Σ_{t ∈ M_enc} log p_head(x_t | encoder(x̃_enc)_t)
+
+Enhanced decoder. One freshly initialised transformer layer with two input streams:
+    query stream   q_i = h + pos_i                     (i = 0..L-1)
+    key/value      k_0 = h,  k_j = emb(x_j) for j ≥ 1  (the ORIGINAL tokens through the encoder's own
+                                                        embedding module: word + position + type,
+                                                        LayerNorm, dropout)
+    attention      row i may see key j iff A[i, j] = 1, where A is drawn per row: a whole-word mask
+                   at ratio 0.5 hides keys, i never sees itself, 0 (h) is always visible, padding
+                   never (built by embedkit.data.mlm).
+    output         d_i = FFN(LN(q_i + MHA(q_i, k, v; A)))   with BERT's residual/LayerNorm layout
+
+and every non-special token is reconstructed through the same, weight-tied MLM head:
+
+    L_dec = −(1/|T|) Σ_{i ∈ T} log p_head(x_i | d_i),   T = all non-special, non-pad positions
+
+    L = L_enc + L_dec        (unweighted, as in RetroMAE and FlagEmbedding)
+
+Since q_i carries only h and a position, and i never sees x_i, reconstructing x_i forces h to
+carry the text's content: that is what makes the [CLS] vector a good retrieval embedding later.
+
+Query stream. `query_stream="position"` (default) is the original RetroMAE (h + position
+embedding, nothing else); `"embeddings"` is FlagEmbedding's variant, which passes h broadcast to
+every position through the encoder's embedding module as `inputs_embeds` (adds position and
+token-type embeddings, then LayerNorm and dropout).
+
+MLM head. The encoder is a `TextEncoder` around a backbone without an LM head, so this module
+owns a BERT prediction head (dense → activation → LayerNorm, then the output projection tied to
+the encoder's word embeddings, plus its own bias). It and the decoder are freshly initialised
+with BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm); `mlm_head_init` can
+copy the transform and bias from a masked-LM checkpoint (BERT `cls.predictions.*` or RoBERTa /
+XLM-R `lm_head.*`), as FlagEmbedding keeps the checkpoint's own head.
+
+Defaults (RetroMAE paper and `staoxiao/RetroMAE` examples/pretrain README, BERT-base): lr 1e-4,
+warm-up ratio 0.1, weight decay 0.01, AdamW with linear decay; mask ratios 0.3 (encoder) and 0.5
+(decoder), the values FlagEmbedding's BGE recipe uses as well. The mask ratios are applied by the
+data module (`conf/data/pd_corpus.yaml` reads them from here by interpolation); they are stored
+on the objective so that a run's hyper-parameters show them.
+
+Output. Only the encoder is the stage's result (the recipe saves it and the next stage starts
+from it). With `save_decoder_weights`, `save_extras` also writes the decoder layer and MLM head
+(`save_decoder`, safetensors) into `retromae_decoder/` inside the encoder folder, for continuing
+pre-training later (FlagEmbedding issues #633, #1480 ask for exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embedkit.models.encoder import TextEncoder
+from embedkit.objectives.base import EmbeddingObjective
+
+QUERY_STREAMS = ("position", "embeddings")
+DECODER_DIR = "retromae_decoder"
+DECODER_WEIGHTS = "decoder.safetensors"
+DECODER_CONFIG = "decoder_config.json"
+
+
+def bert_init(module: nn.Module, std: float) -> None:
+    """BERT's weight init, applied to every Linear / LayerNorm inside `module`."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class EnhancedDecoderLayer(nn.Module):
+    """One BERT layer whose attention takes queries and keys/values from different streams.
+
+    The residual around attention comes from the query stream; then BERT's FFN
+    (dense → activation → dense, dropout, residual, LayerNorm). No causal or cross attention.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int,
+                 hidden_act: str = "gelu", hidden_dropout: float = 0.1,
+                 attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of {num_heads} heads")
+        from transformers.activations import ACT2FN
+
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.attention_output = nn.Linear(hidden_size, hidden_size)
+        self.attention_LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[hidden_act]
+        self.output = nn.Linear(intermediate_size, hidden_size)
+        self.output_LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.attention_dropout = attention_dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        """query, key_value: (B, L, D); attention_mask: (B, L, L), row i = query position i.
+
+        A bool mask (True = may attend) becomes an additive bias (0 / the dtype's minimum) in the
+        compute dtype; a float mask is taken as that additive bias already.
+        """
+        b, n, d = query.shape
+        q = self._heads(self.query(query))
+        k, v = self._heads(self.key(key_value)), self._heads(self.value(key_value))
+        if attention_mask.dtype == torch.bool:
+            bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~attention_mask, torch.finfo(q.dtype).min)
+        else:
+            bias = attention_mask.to(q.dtype)
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.unsqueeze(1),
+            dropout_p=self.attention_dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(b, n, d)
+        hidden = self.attention_LayerNorm(self.dropout(self.attention_output(ctx)) + query)
+        ffn = self.dropout(self.output(self.act(self.intermediate(hidden))))
+        return self.output_LayerNorm(ffn + hidden)
+
+
+class MLMHeadTransform(nn.Module):
+    """BERT's prediction head minus the output matrix (which is the tied word-embedding matrix)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, hidden_act: str = "gelu",
+                 layer_norm_eps: float = 1e-12):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.act = ACT2FN[hidden_act]
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.LayerNorm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+
+
+def _masked_ce(logits_fn, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over positions with a label; head applied only there. Zero (with grad) if none."""
+    keep = labels != -100
+    if not bool(keep.any()):
+        return hidden.sum() * 0.0
+    return F.cross_entropy(logits_fn(hidden[keep]), labels[keep])
+
+
+class RetroMAE(EmbeddingObjective):
+    """Encoder MLM + enhanced-decoder reconstruction; see the module docstring for the formula.
+
+    Batches come from `embedkit.data.mlm.MLMDataModule`: input_ids, attention_mask, labels,
+    decoder_input_ids, decoder_attention (B × L × L, True = may attend), decoder_labels.
+    """
+
+    def __init__(self, encoder: TextEncoder, encoder_mask_ratio: float = 0.3,
+                 decoder_mask_ratio: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
+                 warmup_ratio: float = 0.1, query_stream: str = "position",
+                 save_decoder_weights: bool = True, mlm_head_init: str | None = None):
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        if query_stream not in QUERY_STREAMS:
+            raise ValueError(f"unknown query_stream {query_stream!r}; choose one of {QUERY_STREAMS}")
+        self.encoder_mask_ratio = encoder_mask_ratio
+        self.decoder_mask_ratio = decoder_mask_ratio
+        self.query_stream = query_stream
+        self.save_decoder_weights = save_decoder_weights
+        emb = encoder.backbone.embeddings
+        for attr in ("word_embeddings", "position_embeddings"):
+            if not hasattr(emb, attr):
+                raise TypeError(f"RetroMAE needs a BERT-style embedding module with {attr}; "
+                                f"{type(emb).__name__} has none")
+        cfg = encoder.backbone.config
+        self.decoder_settings = dict(
+            hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+            hidden_dropout=cfg.hidden_dropout_prob, attention_dropout=cfg.attention_probs_dropout_prob,
+            layer_norm_eps=cfg.layer_norm_eps)
+        self.decoder = EnhancedDecoderLayer(**self.decoder_settings)
+        self.mlm_head = MLMHeadTransform(cfg.hidden_size, emb.word_embeddings.num_embeddings,
+                                         cfg.hidden_act, cfg.layer_norm_eps)
+        std = getattr(cfg, "initializer_range", 0.02)
+        bert_init(self.decoder, std)
+        bert_init(self.mlm_head, std)
+        if mlm_head_init:
+            self.init_mlm_head_from(mlm_head_init)
+        self.save_hyperparameters(ignore=["encoder"])
+
+    # ------------------------------------------------------------ pieces
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.encoder.backbone.embeddings
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states (any leading shape) through the tied MLM head."""
+        return self.mlm_head(hidden, self.embeddings.word_embeddings.weight)
+
+    def _position_ids(self, length: int, device) -> torch.Tensor:
+        # RoBERTa/XLM-R number positions from padding_idx + 1; BERT from 0.
+        pad = getattr(self.embeddings, "padding_idx", None)
+        offset = pad + 1 if pad is not None else 0
+        return torch.arange(offset, offset + length, device=device)
+
+    def query_stream_input(self, h_cls: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, D) sentence embeddings -> (B, L, D) decoder queries: h plus each position."""
+        b, d = h_cls.shape
+        positions = self._position_ids(length, h_cls.device)
+        if self.query_stream == "position":
+            return h_cls[:, None, :] + self.embeddings.position_embeddings(positions)[None]
+        return self.embeddings(inputs_embeds=h_cls[:, None, :].expand(b, length, d),
+                               position_ids=positions[None].expand(b, length))
+
+    def decoder_hidden(self, h_cls: torch.Tensor, decoder_input_ids: torch.Tensor,
+                       decoder_attention: torch.Tensor) -> torch.Tensor:
+        """The enhanced decoder's output (B, L, D) given the sentence embeddings (B, D)."""
+        length = decoder_input_ids.shape[1]
+        content = self.embeddings(input_ids=decoder_input_ids)
+        key_value = torch.cat([h_cls[:, None, :].to(content.dtype), content[:, 1:]], dim=1)
+        query = self.query_stream_input(h_cls, length).to(content.dtype)
+        return self.decoder(query, key_value, decoder_attention.to(torch.bool))
+
+    # ------------------------------------------------------------ the objective
+
+    def embed(self, batch) -> dict[str, torch.Tensor]:
+        hidden = self.encoder.hidden_states(batch["input_ids"], batch["attention_mask"])
+        return {"hidden": hidden, "cls": hidden[:, 0]}
+
+    def loss_parts(self, embeddings: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        encoder_loss = _masked_ce(self.mlm_logits, embeddings["hidden"], batch["labels"])
+        decoded = self.decoder_hidden(embeddings["cls"], batch["decoder_input_ids"],
+                                      batch["decoder_attention"])
+        decoder_loss = _masked_ce(self.mlm_logits, decoded, batch["decoder_labels"])
+        return {"encoder_mlm_loss": encoder_loss, "decoder_loss": decoder_loss,
+                "loss": encoder_loss + decoder_loss}
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        return self.loss_parts(embeddings, batch)["loss"]
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Full logits for inspection: encoder (B, L, V), decoder (B, L, V), and h_cls (B, D)."""
+        emb = self.embed(batch)
+        decoded = self.decoder_hidden(emb["cls"], batch["decoder_input_ids"], batch["decoder_attention"])
+        return {"encoder_logits": self.mlm_logits(emb["hidden"]),
+                "decoder_logits": self.mlm_logits(decoded), "cls": emb["cls"]}
+
+    def training_step(self, batch, batch_idx):
+        parts = self.loss_parts(self.embed(batch), batch)
+        size = int(batch["input_ids"].shape[0])
+        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size)
+        self.log("train/encoder_mlm_loss", parts["encoder_mlm_loss"], batch_size=size)
+        self.log("train/decoder_loss", parts["decoder_loss"], batch_size=size)
+        return parts["loss"]
+
+    # ------------------------------------------------------------ decoder weights
+
+    def _decoder_state(self) -> dict[str, torch.Tensor]:
+        state = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
+        state.update({f"mlm_head.{k}": v for k, v in self.mlm_head.state_dict().items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save_decoder(self, out_dir: str | Path) -> Path:
+        """Write the decoder layer and the MLM head (not the tied output matrix) as safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(self._decoder_state(), str(out / DECODER_WEIGHTS))
+        (out / DECODER_CONFIG).write_text(json.dumps(
+            {**self.decoder_settings, "query_stream": self.query_stream,
+             "vocab_size": int(self.mlm_head.bias.numel()),
+             "mlm_output": "tied to the encoder's word embeddings"}, indent=2))
+        return out
+
+    def load_decoder(self, path: str | Path) -> None:
+        """Load what `save_decoder` wrote (strict: the architecture must match)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(path) / DECODER_WEIGHTS))
+        self.decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items()
+                                      if k.startswith("decoder.")})
+        self.mlm_head.load_state_dict({k[len("mlm_head."):]: v for k, v in state.items()
+                                       if k.startswith("mlm_head.")})
+
+    def save_extras(self, out_dir) -> None:
+        if self.save_decoder_weights:
+            self.save_decoder(Path(out_dir) / DECODER_DIR)
+
+    @torch.no_grad()
+    def init_mlm_head_from(self, name_or_path: str) -> None:
+        """Copy the prediction-head transform and output bias of a masked-LM checkpoint."""
+        from transformers import AutoModelForMaskedLM
+
+        lm = AutoModelForMaskedLM.from_pretrained(name_or_path)
+        if hasattr(lm, "cls"):  # BERT family
+            src = lm.cls.predictions
+            dense, norm = src.transform.dense, src.transform.LayerNorm
+        elif hasattr(lm, "lm_head"):  # RoBERTa / XLM-R
+            src = lm.lm_head
+            dense, norm = src.dense, src.layer_norm
+        else:
+            raise TypeError(f"{type(lm).__name__}: no BERT or RoBERTa style MLM head to copy")
+        bias = src.decoder.bias if src.decoder.bias is not None else src.bias
+        head = self.mlm_head
+        head.dense.load_state_dict(dense.state_dict())
+        head.LayerNorm.load_state_dict(norm.state_dict())
+        if bias.shape != head.bias.shape:
+            raise ValueError(f"{name_or_path}: head bias has {bias.shape[0]} entries, the encoder's "
+                             f"vocabulary {head.bias.shape[0]}")
+        head.bias.copy_(bias)
