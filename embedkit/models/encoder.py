@@ -5,6 +5,11 @@ BGE, BGE-M3 and Conan all score with the dot product of L2-normalised CLS vector
 checkpoints trained that way. The backbone is loaded *without* BERT's pooler layer: nothing uses it,
 and under DDP an unused parameter either desynchronises gradients or raises "Expected to mark a
 variable ready only once" (sentence-transformers issue #1454).
+
+An optional linear projection after pooling (before normalisation) changes the output width, as
+Conan-Embedding widens its 1024-wide BERT to 1792 dimensions with one fully connected layer (the
+`2_Dense` module of TencentBAC/Conan-embedding-v1: W·x + b, identity activation). It is saved beside
+the backbone as `projection.safetensors` and its size goes into `embedkit_encoder.json`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 POOLINGS = ("cls", "mean")
 ENCODER_CONFIG = "embedkit_encoder.json"
+PROJECTION_WEIGHTS = "projection.safetensors"
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -32,22 +38,31 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class TextEncoder(nn.Module):
-    """Backbone + pooling (+ L2 normalisation). `forward` takes a tokenised batch, `encode` raw text."""
+    """Backbone + pooling (+ projection) (+ L2 normalisation).
+
+    `forward` takes a tokenised batch, `encode` raw text. `projection_dim` adds a trainable
+    `nn.Linear(hidden, projection_dim)` after pooling; `dim` is then the projected width.
+    """
 
     def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "cls", normalize: bool = True,
-                 max_length: int = 512):
+                 max_length: int = 512, projection_dim: int | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive width or None, got {projection_dim}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
         self.max_length = max_length
+        self.projection_dim = projection_dim
+        self.projection = (nn.Linear(backbone.config.hidden_size, projection_dim)
+                           if projection_dim is not None else None)
 
     @property
     def dim(self) -> int:
-        return self.backbone.config.hidden_size
+        return self.projection_dim if self.projection is not None else self.backbone.config.hidden_size
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       **_unused) -> torch.Tensor:
@@ -57,6 +72,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_unused) -> torch.Tensor:
         emb = pool(self.hidden_states(input_ids, attention_mask), attention_mask, self.pooling)
+        if self.projection is not None:
+            emb = self.projection(emb)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     @torch.no_grad()
@@ -87,12 +104,28 @@ class TextEncoder(nn.Module):
         return out
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the backbone (safetensors), the tokenizer and the pooling choice to `out_dir`."""
+        """Write the backbone (safetensors), the tokenizer, the pooling choice and the projection."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
-        (out / ENCODER_CONFIG).write_text(json.dumps(
-            {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length},
-            indent=2))
+        settings = {"pooling": self.pooling, "normalize": self.normalize, "max_length": self.max_length}
+        if self.projection is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+                      str(out / PROJECTION_WEIGHTS))
+            settings["projection_dim"] = self.projection_dim
+        else:
+            (out / PROJECTION_WEIGHTS).unlink(missing_ok=True)   # not a stale head from an earlier save
+        (out / ENCODER_CONFIG).write_text(json.dumps(settings, indent=2))
         return out
+
+    def load_projection(self, path: str | Path) -> None:
+        """Load `projection.safetensors` (written by `save_pretrained`) into this encoder's projection."""
+        from safetensors.torch import load_file
+
+        if self.projection is None:
+            raise ValueError(f"{path}: this encoder has no projection to load weights into "
+                             f"(build it with projection_dim)")
+        self.projection.load_state_dict(load_file(str(path)))
