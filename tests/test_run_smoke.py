@@ -68,3 +68,51 @@ def test_multirun_sweep_writes_each_job_and_an_aggregate(tmp_path):
         f"data.batch_size={b},objective.train_group_size={g}" for b in (16, 32) for g in (1, 2)}
     assert all(math.isfinite(float(r["Avg"])) for r in table)
     assert all(r["Retrieval"] and r["STS"] and not r["CLF"] for r in table)  # only the two tasks asked for
+
+
+def _table(tmp_path, experiment):
+    (run_dir,) = (tmp_path / "logs" / experiment / "runs").iterdir()
+    rows = _rows(run_dir / "table.csv")
+    for row in rows:
+        for col in CATEGORIES:
+            if row.get(col):
+                value = float(row[col])
+                assert math.isfinite(value) and 0.0 <= value <= 100.0, (row, col, value)
+    return run_dir, rows
+
+
+@pytest.mark.slow
+def test_recipe_smoke_chains_the_stages_in_one_command(tmp_path):
+    proc = _run(["+experiment=bge_ablation_recipe", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
+    assert "C-Pack Table 3" in proc.stdout
+    run_dir, rows = _table(tmp_path, "bge_ablation_recipe")
+    assert [r["model"] for r in rows] == ["BGE-pretrain", "BGE w.o. pre-train", "BGE w.o. Instruct",
+                                          "BGE-finetune"]
+    stages = sorted(p.name.split("-")[0] for p in (run_dir / "stages").iterdir())
+    # pretrain and general are trained once and shared; task runs with and without the instruction
+    assert stages == ["general", "pretrain", "task", "task"]
+    finetune = json.loads((run_dir / "rows" / "BGE-finetune" / "results.json").read_text())
+    assert len(finetune["tasks"]) == 12
+
+
+@pytest.mark.slow
+def test_mrl_smoke_scores_every_dim(tmp_path):
+    proc = _run(["+experiment=mrl_dims", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
+    run_dir, rows = _table(tmp_path, "mrl_dims")
+    labels = [r[next(iter(r))] for r in rows]
+    assert len(labels) >= 2 and all("dim=" in label for label in labels), labels
+    assert all(r["Avg"] for r in rows)
+
+
+@pytest.mark.slow
+def test_m3_smoke_reports_every_retrieval_mode(tmp_path):
+    proc = _run(["+experiment=m3_ablation_selfdistill", "debug=smoke", "logger=csv"], tmp_path,
+                timeout=400)
+    run_dir, rows = _table(tmp_path, "m3_ablation_selfdistill")
+    labels = [r["model"] for r in rows]
+    for row in ("self-distill", "no self-distill"):
+        for mode in ("sparse", "multivec", "dense+sparse", "all"):
+            assert f"{row} {mode}" in labels, labels
+        assert row in labels
+    sparse = [r for r in rows if r["model"].endswith(" sparse")]
+    assert all(r["Retrieval"] and r["Rerank"] and not r["STS"] for r in sparse)

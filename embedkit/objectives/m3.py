@@ -6,7 +6,8 @@ Multi-Granularity Text Embeddings Through Self-Knowledge Distillation" (2024, ar
 `FlagEmbedding/finetune/embedder/encoder_only/m3/modeling.py` (paraphrased in
 /work/shared/reference/flagembedding.md §4; nothing is copied).
 
-Heads (embedkit/models/m3_heads.py): s_dense = ⟨e_q, e_p⟩ on normalised CLS vectors; s_lex = Σ over
+Heads (embedkit/models/m3_heads.py): s_dense = ⟨e_q, e_p⟩ on the normalised pooled vectors (CLS in the
+paper and with model=hf; mean for the mini tiny_zh model, see its config); s_lex = Σ over
 shared tokens of w_q·w_p with w = ReLU(Linear(D,1)(h)), max over repeats, specials zeroed;
 s_mul = mean over query tokens of the max ⟨E_q[i], E_p[j]⟩ with E = normalize(Linear(D,D)(h))
 on every token but CLS. Every score is divided by the temperature τ in training.

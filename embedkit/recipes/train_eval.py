@@ -194,7 +194,14 @@ def run(cfg: DictConfig) -> float | None:
             if examples.key(data_cfg) not in seen:
                 seen.add(examples.key(data_cfg))
                 vocab_texts += examples.get(data_cfg)[1]
-    tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"))
+    if cfg.model.get("init_from"):
+        # Starting from a saved encoder: its ids are fixed, so its own tokenizer comes with it
+        # (a vocabulary rebuilt from this run's data would not match its embedding table).
+        from embedkit.models.build import pretrained_tokenizer
+
+        tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / "tokenizer")
+    else:
+        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"))
     suite = instantiate(cfg.eval)
 
     table_rows, last = [], None
