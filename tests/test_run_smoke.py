@@ -89,8 +89,11 @@ def test_recipe_smoke_chains_the_stages_in_one_command(tmp_path):
     assert [r["model"] for r in rows] == ["BGE-pretrain", "BGE w.o. pre-train", "BGE w.o. Instruct",
                                           "BGE-finetune"]
     stages = sorted(p.name.split("-")[0] for p in (run_dir / "stages").iterdir())
-    # pretrain and general are trained once and shared; task runs with and without the instruction
-    assert stages == ["general", "pretrain", "task", "task"]
+    # A row's last stage trains in the row's own folder; the stages before it are kept under stages/
+    # and shared: pretrain once for three rows, pretrain→general once for the two task rows.
+    assert stages == ["general", "pretrain"]
+    reused = json.loads((run_dir / "rows" / "BGE-finetune" / "results.json").read_text())["stage_steps"]
+    assert set(reused) == {"pretrain", "general", "task"}
     finetune = json.loads((run_dir / "rows" / "BGE-finetune" / "results.json").read_text())
     assert len(finetune["tasks"]) == 12
 

@@ -7,10 +7,11 @@ all tasks (not over categories, so categories with many tasks weigh more).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from embedkit.redact import write_json
 
 if TYPE_CHECKING:
     from mteb.abstasks.abstask import AbsTask
@@ -136,7 +137,7 @@ def evaluate_tasks(
     summary["task_types"] = {name: task_type for name, (task_type, _) in task_scores.items()}
     summary["model"] = {"name": meta.name, "revision": meta.revision}
     summary["mteb_results_dir"] = str(cache.cache_path / "results" / meta.model_name_as_path() / meta.revision)
-    (output_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json(output_dir / "results.json", summary)   # redacted: no credential ever lands in results
     return summary
 
 

@@ -5,6 +5,10 @@ Two options share one `TextEncoder`:
   built from the training text, so the mini scale needs no download.
 - `hf`: any Hugging Face encoder by hub name or local path (BAAI/bge-base-zh-v1.5,
   hfl/chinese-roberta-wwm-ext, ...), the paper scale's starting points.
+
+Every `from_pretrained` here passes `trust_remote_code` explicitly, False unless the config's
+`model.trust_remote_code` (conf/model/hf.yaml) turns it on: with it on, transformers imports and
+runs Python files named by the checkpoint, so it must be a decision made in the config.
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ from typing import Sequence
 from embedkit.models.encoder import ENCODER_CONFIG, PROJECTION_WEIGHTS, TextEncoder
 
 log = logging.getLogger(__name__)
+
+
+def trust_remote_code_flag(value) -> bool:
+    """The `trust_remote_code` switch as a real bool. A string such as "false" (a quoted override)
+    would be truthy and turn remote code on, so anything but a bool is a configuration error."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TypeError(f"trust_remote_code must be true or false, got {value!r} "
+                        f"({type(value).__name__}); set model.trust_remote_code=true or false unquoted")
+    return value
 
 
 def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: int = 1,
@@ -77,7 +92,7 @@ def pretrained_tokenizer(name_or_path: str, out_dir: str | Path | None = None,
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision,
-                                        trust_remote_code=trust_remote_code)
+                                        trust_remote_code=trust_remote_code_flag(trust_remote_code))
     if out_dir is not None:
         tok.save_pretrained(out_dir)
     return tok
@@ -118,18 +133,24 @@ def hf_encoder(tokenizer, name_or_path: str, revision: str | None = None, poolin
                        projection_dim=projection_dim)
 
 
-def _backbone_without_pooler(name_or_path, **kwargs):
+def _backbone_without_pooler(name_or_path, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModel
 
+    trust = trust_remote_code_flag(trust_remote_code)
     try:
-        return AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+        return AutoModel.from_pretrained(name_or_path, add_pooling_layer=False,
+                                         trust_remote_code=trust, **kwargs)
     except TypeError:
         # Encoders without a pooler (DistilBERT, ELECTRA, ...) do not accept the switch.
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+        return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust, **kwargs)
 
 
-def load_encoder(path: str | Path, device: str = "cpu") -> TextEncoder:
-    """Reload an encoder written by `TextEncoder.save_pretrained` (or any HF encoder folder)."""
+def load_encoder(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> TextEncoder:
+    """Reload an encoder written by `TextEncoder.save_pretrained` (or any HF encoder folder).
+
+    `trust_remote_code` stays off unless the caller turns it on: a model folder is data, and with
+    it on, transformers would import and run Python files that the folder names.
+    """
     import json
 
     from transformers import AutoTokenizer
@@ -138,8 +159,9 @@ def load_encoder(path: str | Path, device: str = "cpu") -> TextEncoder:
     settings = {"pooling": "cls", "normalize": True, "max_length": 512}
     if (path / ENCODER_CONFIG).exists():
         settings.update(json.loads((path / ENCODER_CONFIG).read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    backbone = _backbone_without_pooler(path)
+    trust = trust_remote_code_flag(trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    backbone = _backbone_without_pooler(path, trust_remote_code=trust)
     encoder = TextEncoder(backbone, tokenizer, **settings)
     if encoder.projection is not None:
         if not (path / PROJECTION_WEIGHTS).exists():

@@ -234,7 +234,7 @@ def load_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
     still loads and runs; it just returns ``[UNK]`` for everything.
     """
     directory = Path(directory)
-    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)  # a vocabulary, no code
     vocab_txt = directory / "vocab.txt"
     if vocab_txt.is_file():
         expected = read_vocab_txt(vocab_txt)

@@ -63,8 +63,10 @@ class CoSENT(EmbeddingObjective):
     (`embedkit.data.sts.StsDataModule`); the two sides share the encoder."""
 
     def __init__(self, encoder: TextEncoder, scale: float = 20.0, lr: float = 3e-5,
-                 weight_decay: float = 0.0, warmup_ratio: float = 0.1):
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+                 weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 on_nonfinite_loss: str = "error"):
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if scale <= 0:
             raise ValueError(f"scale (λ, an inverse temperature) must be > 0, got {scale}")
         self.scale = scale

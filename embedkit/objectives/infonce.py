@@ -35,8 +35,10 @@ def info_nce_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch
 
 class InfoNCE(EmbeddingObjective):
     def __init__(self, encoder: TextEncoder, temperature: float = 0.02, train_group_size: int = 1,
-                 lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1):
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+                 lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                 on_nonfinite_loss: str = "error"):
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = temperature

@@ -139,7 +139,8 @@ class M3(EmbeddingObjective):
                  colbert_dim: int | None = None,
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
-                 lr: float = 3e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1):
+                 lr: float = 3e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                 on_nonfinite_loss: str = "error"):
         """
         heads: the heads to train (a subset of dense, sparse, multivec).
         self_distill / self_distill_start_step: L' on or off, and from which optimiser step.
@@ -153,7 +154,8 @@ class M3(EmbeddingObjective):
         heads_init_from: a folder saved with `save_heads` to start the heads from; fresh heads if
             it holds none (FlagEmbedding's behaviour when the head files are absent).
         """
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = float(temperature)

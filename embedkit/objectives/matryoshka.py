@@ -127,7 +127,7 @@ class Matryoshka(EmbeddingObjective):
                  weights: Sequence[float] | None = None, truncate_keys: Sequence[str] | None = None,
                  train_group_size: int | None = None, lr: float | None = None,
                  weight_decay: float | None = None, warmup_ratio: float | None = None,
-                 **inner_kwargs):
+                 on_nonfinite_loss: str = "error", **inner_kwargs):
         """
         inner: the objective to apply at every width (see `_build_inner`).
         dims: the nested widths, e.g. Conan's [256, 512, 768, 1024, 1536, 1792].
@@ -139,6 +139,8 @@ class Matryoshka(EmbeddingObjective):
             `${objective.train_group_size}`, so conf/objective/matryoshka.yaml mirrors the inner
             objective's value here, and `objective.train_group_size=N` then sets both.
         lr, weight_decay, warmup_ratio: the optimiser's; None = the inner objective's.
+        on_nonfinite_loss: "error" or "skip" (see EmbeddingObjective); this wrapper's training
+            step is the one that runs, so the setting is its own, not the inner objective's.
         inner_kwargs: any other argument goes to the inner objective, so settings made for a plain
             objective (`objective.temperature=0.05`, scale=paper's values) reach it unchanged.
         """
@@ -149,7 +151,7 @@ class Matryoshka(EmbeddingObjective):
                          lr=inner.lr if lr is None else lr,
                          weight_decay=inner.weight_decay if weight_decay is None else weight_decay,
                          warmup_ratio=inner.warmup_ratio if warmup_ratio is None else warmup_ratio,
-                         betas=inner.betas, eps=inner.eps)
+                         betas=inner.betas, eps=inner.eps, on_nonfinite_loss=on_nonfinite_loss)
         self.inner = inner
         dims = [int(d) for d in dims]
         if not dims:

@@ -41,7 +41,8 @@ owns a BERT prediction head (dense → activation → LayerNorm, then the output
 the encoder's word embeddings, plus its own bias). It and the decoder are freshly initialised
 with BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm); `mlm_head_init` can
 copy the transform and bias from a masked-LM checkpoint (BERT `cls.predictions.*` or RoBERTa /
-XLM-R `lm_head.*`), as FlagEmbedding keeps the checkpoint's own head.
+XLM-R `lm_head.*`), as FlagEmbedding keeps the checkpoint's own head. That checkpoint is loaded
+with `trust_remote_code` off unless the config turns it on (`model.trust_remote_code`).
 
 Defaults (RetroMAE paper and `staoxiao/RetroMAE` examples/pretrain README, BERT-base): lr 1e-4,
 warm-up ratio 0.1, weight decay 0.01, AdamW with linear decay; mask ratios 0.3 (encoder) and 0.5
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedkit.models.build import trust_remote_code_flag
 from embedkit.models.encoder import TextEncoder
 from embedkit.objectives.base import EmbeddingObjective
 
@@ -177,8 +179,10 @@ class RetroMAE(EmbeddingObjective):
     def __init__(self, encoder: TextEncoder, encoder_mask_ratio: float = 0.3,
                  decoder_mask_ratio: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.1, query_stream: str = "position",
-                 save_decoder_weights: bool = True, mlm_head_init: str | None = None):
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+                 save_decoder_weights: bool = True, mlm_head_init: str | None = None,
+                 trust_remote_code: bool = False, on_nonfinite_loss: str = "error"):
+        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if query_stream not in QUERY_STREAMS:
             raise ValueError(f"unknown query_stream {query_stream!r}; choose one of {QUERY_STREAMS}")
         self.encoder_mask_ratio = encoder_mask_ratio
@@ -202,6 +206,7 @@ class RetroMAE(EmbeddingObjective):
         std = getattr(cfg, "initializer_range", 0.02)
         bert_init(self.decoder, std)
         bert_init(self.mlm_head, std)
+        self.trust_remote_code = trust_remote_code_flag(trust_remote_code)
         if mlm_head_init:
             self.init_mlm_head_from(mlm_head_init)
         self.save_hyperparameters(ignore=["encoder"])
@@ -267,6 +272,8 @@ class RetroMAE(EmbeddingObjective):
     def training_step(self, batch, batch_idx):
         parts = self.loss_parts(self.embed(batch), batch)
         size = int(batch["input_ids"].shape[0])
+        if not self.loss_is_usable(parts["loss"], batch_idx, size):
+            return None
         self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size)
         self.log("train/encoder_mlm_loss", parts["encoder_mlm_loss"], batch_size=size)
         self.log("train/decoder_loss", parts["decoder_loss"], batch_size=size)
@@ -311,7 +318,8 @@ class RetroMAE(EmbeddingObjective):
         """Copy the prediction-head transform and output bias of a masked-LM checkpoint."""
         from transformers import AutoModelForMaskedLM
 
-        lm = AutoModelForMaskedLM.from_pretrained(name_or_path)
+        lm = AutoModelForMaskedLM.from_pretrained(name_or_path,
+                                                  trust_remote_code=self.trust_remote_code)
         if hasattr(lm, "cls"):  # BERT family
             src = lm.cls.predictions
             dense, norm = src.transform.dense, src.transform.LayerNorm

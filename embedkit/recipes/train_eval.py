@@ -28,6 +28,8 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from embedkit.redact import redact, redact_text, write_json
+
 log = logging.getLogger(__name__)
 DONE = ".done"
 
@@ -45,6 +47,7 @@ def ablation_rows(cfg: DictConfig) -> list[dict]:
     rows = (ablation.get("rows") or {}).get(cfg.scale.name)
     if multirun or not rows:
         label = (HydraConfig.get().job.override_dirname if hydra_on else "") or "run"
+        label = redact_text(label)   # it names folders and mteb revisions: no `api_key=...` in them
         return [{"label": label, "paper_row": None, "overrides": {}, "stages": None}]
     out = []
     for r in rows:
@@ -122,6 +125,7 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     from pytorch_lightning.callbacks import LearningRateMonitor
 
     from embedkit.models.build import init_encoder_from
+    from embedkit.models.export import export_sentence_transformers
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
@@ -136,8 +140,8 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     if logger:
         # This stage's config as it ran; the other stages' nodes are left out (they may not resolve
         # against this stage's objective).
-        logger.log_hyperparams(OmegaConf.to_container(
-            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True))
+        logger.log_hyperparams(redact(OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
@@ -149,7 +153,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     seconds = time.perf_counter() - start
 
     model_dir = out_dir / "model"
-    encoder.save_pretrained(model_dir)
+    # save_pretrained's files plus sentence-transformers' module files: `load_encoder(model_dir)` and
+    # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
+    export_sentence_transformers(encoder, model_dir)
     module.save_extras(model_dir)
     (model_dir / DONE).write_text(json.dumps({"steps": int(trainer.global_step)}))
     return module, trainer, logger, seconds
@@ -271,8 +277,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "eval_seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": _metric(trainer, "train/loss"),
         })
-        (variant_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False),
-                                                  encoding="utf-8")
+        write_json(variant_dir / "results.json", results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
         if logger:
             prefix = f"eval/{variant}/" if variant else "eval/"
@@ -283,8 +288,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         summary = dict(list(all_results.values())[-1])
         summary["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
                                for k, v in all_results.items()}
-        (row_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False),
-                                              encoding="utf-8")
+        write_json(row_dir / "results.json", summary)
     finish_logger(logger)
     return all_results
 
