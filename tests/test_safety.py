@@ -319,3 +319,18 @@ def test_hyperparameters_given_to_the_logger_are_redacted(tmp_path, monkeypatch)
 class _Stub:
     def __getattr__(self, name):
         return lambda *a, **k: None
+
+
+def test_a_config_without_credentials_is_left_as_it_is():
+    # Masking must not fire on names that merely look like credentials (e.g. a callback named
+    # after what it does): the saved configs of an ordinary run stay exactly as composed.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for experiment in ("bge_ablation_batchsize", "bge_ablation_recipe", "mrl_dims", "m3_ablation_selfdistill"):
+            cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"],
+                          return_hydra_config=True)
+            plain = OmegaConf.to_container(cfg, resolve=False)
+            assert redact(plain, secrets=[]) == plain, experiment
