@@ -93,6 +93,30 @@ class ReadResult(list):
     def rows(self) -> list[dict]:
         return self
 
+    @property
+    def skipped_by_path(self) -> dict[str, list[tuple[int, str]]]:
+        """{file: [(line, reason), ...]}: the skip report of one file, or of several concatenated."""
+        if hasattr(self, "_by_path"):
+            return self._by_path
+        return {self.path: self.skipped} if self.path is not None else {}
+
+    def head(self, n: int | None) -> "ReadResult":
+        """The first n good rows (all if n is falsy), keeping the skip report."""
+        out = ReadResult(self[:n] if n else self, self.skipped, self.path)
+        if hasattr(self, "_by_path"):
+            out._by_path = self._by_path
+        return out
+
+    @classmethod
+    def concat(cls, results: "list[ReadResult]") -> "ReadResult":
+        out = cls([row for r in results for row in r],
+                  [s for r in results for s in r.skipped])
+        out._by_path = {}
+        for r in results:
+            for path, skipped in r.skipped_by_path.items():
+                out._by_path.setdefault(path, []).extend(skipped)
+        return out
+
     def __repr__(self) -> str:  # a few thousand dicts is not a useful repr
         return f"ReadResult(path={self.path!r}, rows={len(self)}, skipped={len(self.skipped)})"
 
