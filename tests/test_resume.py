@@ -244,3 +244,33 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "done in an earlier run" in again.stdout + again.stderr
     assert (run_b / "results.json").stat().st_mtime_ns == before
+
+
+def test_a_resumed_run_keeps_finished_rows_and_runs_the_rest(tmp_path, monkeypatch):
+    """Rows with a clean results.json in the run folder are kept; a failed or missing one is run."""
+    import embedkit.recipes.train_eval as recipe
+
+    rows = [{"label": lab, "paper_row": None, "overrides": {}, "stages": None} for lab in ("32", "128", "512")]
+    ran = []
+
+    def run_row(cfg, row, *args):
+        ran.append(row["label"])
+        return {"": {"label": row["label"], "categories": {"STS": 2.0}, "Avg": 2.0}}
+
+    monkeypatch.setattr(recipe, "run_row", run_row)
+    monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
+    monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
+    out = tmp_path / "run"
+    for label, results in (("32", {"label": "32", "variant": "", "categories": {"STS": 1.0}, "Avg": 1.0}),
+                           ("128", {"label": "128", "error": "killed"})):
+        (out / "rows" / label).mkdir(parents=True)
+        (out / "rows" / label / "results.json").write_text(json.dumps(results))
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(out)}, "model": {"tokenizer": {}}, "data": {},
+                            "eval": {}, "experiment_name": "x", "scale": {"name": "mini"}, "ablation": None})
+    assert recipe.run(cfg) == 2.0
+    assert ran == ["128", "512"]
+    table = json.loads((out / "table.json").read_text())
+    assert [(r["label"], r["Avg"]) for r in table] == [("32", 1.0), ("128", 2.0), ("512", 2.0)]
