@@ -271,6 +271,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         stage_cfg = stage_config(row_cfg, stage, init)
         final = i == len(chain) - 1
         name = f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")
+        bad_rows.update(examples.bad_rows(stage_cfg.data))   # a reused stage's data counts too
         if final:
             stage_dir = row_dir
         else:
@@ -281,7 +282,6 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
                 init = str(stage_dir / "model")
                 continue
         stage_examples, _ = examples.get(stage_cfg.data)
-        bad_rows.update(examples.bad_rows(stage_cfg.data))
         module, trainer, logger, seconds = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
         steps[stage or "train"] = int(trainer.global_step)
         train_seconds += seconds
