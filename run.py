@@ -19,9 +19,11 @@ import embedkit.config  # noqa: F401  registers the ${embedkit_root:} resolver
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from embedkit.recipes.recovery import guarded
     from embedkit.recipes.train_eval import run
 
-    return run(cfg)
+    # In a `-m` sweep a failing job records its error in its results.json and the sweep goes on.
+    return guarded(run, cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ def register_resolvers() -> None:
     # `${embedkit_root:}` lets configs name files relative to the checkout, whatever the cwd.
     if not OmegaConf.has_resolver("embedkit_root"):
         OmegaConf.register_new_resolver("embedkit_root", lambda: str(REPO_ROOT))
+    # `${embedkit_run_dir:base,fresh,${resume}}`: Hydra's run/sweep folder, the newest one under
+    # `base` when resuming (embedkit/recipes/recovery.py).
+    if not OmegaConf.has_resolver("embedkit_run_dir"):
+        def run_dir(base, fresh, resume=False):
+            from embedkit.recipes.recovery import run_dir as resolve
+
+            return resolve(str(base), str(fresh), resume)
+
+        OmegaConf.register_new_resolver("embedkit_run_dir", run_dir)
 
 
 register_resolvers()

@@ -200,7 +200,10 @@ APP = textwrap.dedent("""
     def main(cfg):
         # What the recipe would label this job with, dumped raw (not through the redacting writer).
         rows = ablation_rows(cfg)
-        Path(HydraConfig.get().runtime.output_dir, "labels.json").write_text(json.dumps([r["label"] for r in rows]))
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.joinpath("labels.json").write_text(json.dumps([r["label"] for r in rows]))
+        # A finished job leaves a results.json; without one the sweep counts the job as failed.
+        out.joinpath("results.json").write_text(json.dumps({"label": "job"}))
 
 
     main()
@@ -275,7 +278,7 @@ def test_results_json_holds_no_secrets(tmp_path, monkeypatch):
     module = SimpleNamespace(eval_targets=lambda: {"": {"encoder": None}})
     trainer = SimpleNamespace(global_step=3, callback_metrics={})
     monkeypatch.setattr(recipe, "train_stage", lambda *a, **k: (module, trainer, False, 0.1))
-    examples = SimpleNamespace(get=lambda data_cfg: ([], []))
+    examples = SimpleNamespace(get=lambda data_cfg: ([], []), bad_rows=lambda data_cfg: {})
     cfg = OmegaConf.create({"experiment_name": "secrets", "scale": {"name": "mini"}, "seed": 0,
                             "model": {"init_from": None}, "data": {}, "objective": {}, "trainer": {},
                             "logger": {"project": "embedkit"}, "eval": {"query_instruction": None}})

@@ -3,23 +3,42 @@
 The recipe reads the sources once (`examples`), builds the tokenizer from `vocab_texts()`, hands it
 over with `attach_tokenizer`, and lets ablation rows share already-read rows with `use_examples`.
 Subclasses say which texts an example holds (`texts_of`) and how to batch them.
+
+`on_bad_row` ("error" or "skip") reaches every source that reads files (their `on_bad_row`
+argument, unless the source's own config sets it); skipped rows are logged and kept in
+`bad_rows` ({file: [(line, reason), ...]}), which the recipe writes into results.json.
+
+The module is stateful for Lightning's checkpoints: `state_dict` records how many batches of the
+current epoch were consumed, and after `load_state_dict` the batch sampler skips those, so a run
+resumed mid-epoch sees the same remaining batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 from typing import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 
+log = logging.getLogger(__name__)
+BAD_ROW_POLICIES = ("error", "skip")
+
 
 class TextDataModule(pl.LightningDataModule):
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
-                 max_examples: int | None = None):
+                 max_examples: int | None = None, on_bad_row: str = "error"):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"data.on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        self.on_bad_row = on_bad_row
+        self.bad_rows: dict[str, list[tuple[int, str]]] = {}
+        self._resume: dict | None = None
         self.sources = list(sources)
         self.batch_size = batch_size
         self.seed = seed
@@ -35,7 +54,7 @@ class TextDataModule(pl.LightningDataModule):
     @property
     def examples(self) -> list[dict]:
         if self._examples is None:
-            examples = [row for source in self.sources for row in source()]
+            examples = [row for source in self.sources for row in self._read(source)]
             if not examples:
                 raise ValueError("the configured training sources produced no examples")
             if self.max_examples and len(examples) > self.max_examples:
@@ -44,6 +63,20 @@ class TextDataModule(pl.LightningDataModule):
                 examples = [examples[i] for i in np.sort(keep)]
             self._examples = examples
         return self._examples
+
+    def _read(self, source: Callable[[], list[dict]]) -> list[dict]:
+        kwargs = {}
+        keywords = source.keywords if isinstance(source, functools.partial) else {}
+        if "on_bad_row" not in keywords and "on_bad_row" in inspect.signature(source).parameters:
+            kwargs["on_bad_row"] = self.on_bad_row
+        rows = source(**kwargs)
+        for path, skipped in (getattr(rows, "skipped_by_path", None) or {}).items():
+            if skipped:
+                self.bad_rows.setdefault(path, []).extend(skipped)
+                line, reason = skipped[0]
+                log.warning("skipped %d bad row(s) of %s (data.on_bad_row=skip); first: line %d: %s",
+                            len(skipped), path, line, reason)
+        return rows
 
     def use_examples(self, examples: list[dict]) -> None:
         """Share rows already read by another module (ablation rows differ in batching, not data)."""
@@ -69,5 +102,24 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"batch size {self.batch_size} x {num_replicas} device(s) is larger than the "
                 f"{len(lengths)} training examples; lower data.batch_size or add data")
-        return GroupBatchSampler(lengths, self.batch_size, self.seed, group_by_length,
-                                 drop_last=True, num_replicas=num_replicas, rank=rank)
+        sampler = GroupBatchSampler(lengths, self.batch_size, self.seed, group_by_length,
+                                    drop_last=True, num_replicas=num_replicas, rank=rank)
+        if self._resume is not None:
+            sampler.skip_batches(self._resume["epoch"], self._resume["batches"])
+            self._resume = None
+        return sampler
+
+    # ------------------------------------------------------------------ resuming mid-epoch
+
+    def state_dict(self) -> dict:
+        """Batches of the current epoch consumed so far; Lightning saves it in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # Checkpoints are written at the end of a training batch: it counts as processed.
+        return {"epoch": int(trainer.current_epoch), "batches": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Restored before train_dataloader() is built; the sampler picks it up there.
+        self._resume = dict(state_dict) if state_dict else None

@@ -135,9 +135,18 @@ class GroupBatchSampler(Sampler):
         self.rank = rank
         self.megabatch = megabatch
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        """Resume mid-epoch: the next pass over `epoch` leaves out its first `batches` batches.
+
+        Only that pass: later epochs, or a pass over another epoch, are whole. `len()` keeps the
+        full epoch's count, as Lightning expects (its loop counts the resumed batches itself).
+        """
+        self._skip = (int(epoch), int(batches)) if batches > 0 else None
 
     @property
     def sampler(self):
@@ -164,7 +173,11 @@ class GroupBatchSampler(Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.global_batches():
+        batches = self.global_batches()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            batches = batches[self._skip[1]:]
+            self._skip = None
+        for batch in batches:
             part = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             yield [(int(i), self.epoch) for i in part]
 
@@ -205,9 +218,9 @@ class ContrastiveDataModule(TextDataModule):
                  train_group_size: int = 1, query_max_len: int = 32, passage_max_len: int = 128,
                  query_instruction: str | None = None, group_by_length: bool = True,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
-                 max_examples: int | None = None):
+                 max_examples: int | None = None, on_bad_row: str = "error"):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
-                         num_workers=num_workers, max_examples=max_examples)
+                         num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if train_group_size < 1:
             raise ValueError(f"train_group_size counts the positive too and must be >= 1, got {train_group_size}")
         self.train_group_size = train_group_size

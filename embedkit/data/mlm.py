@@ -234,9 +234,9 @@ class MLMDataModule(TextDataModule):
                  max_len: int = 128, encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5,
                  group_by_length: bool = True, seed: int = 0, cache_dir: str | None = None,
                  num_workers: int = 0, max_examples: int | None = None,
-                 query_instruction: str | None = None):
+                 query_instruction: str | None = None, on_bad_row: str = "error"):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
-                         num_workers=num_workers, max_examples=max_examples)
+                         num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         self.query_instruction = query_instruction
         if max_len < 3:
             raise ValueError(f"max_len must leave room for a token between the specials, got {max_len}")

@@ -35,6 +35,10 @@ A file with no rows at all (or, under ``"skip"``, no *good* rows) raises
 :class:`EmptyFileError`: training on nothing is never what was meant, and the
 error is far clearer here than as an empty-dataloader failure later.
 
+A line longer than ``max_line_bytes`` (1 MiB by default) is a bad row: a training row that size is
+a missing newline that glued many rows together, or a dump of binary data, and decoding and
+tokenising it would only waste memory before truncation threw it away.
+
 Blank lines are ignored (trailing newlines, hand-edited files). The file is read
 as bytes and split on ``b"\\n"`` only, and each line is decoded on its own, so
 invalid UTF-8 is reported with its line number and so that unescaped U+2028 /
@@ -58,6 +62,7 @@ __all__ = [
 ]
 
 OnBadRow = Literal["error", "skip"]
+MAX_LINE_BYTES = 1 << 20
 PathLike = str | os.PathLike
 
 
@@ -93,6 +98,30 @@ class ReadResult(list):
     def rows(self) -> list[dict]:
         return self
 
+    @property
+    def skipped_by_path(self) -> dict[str, list[tuple[int, str]]]:
+        """{file: [(line, reason), ...]}: the skip report of one file, or of several concatenated."""
+        if hasattr(self, "_by_path"):
+            return self._by_path
+        return {self.path: self.skipped} if self.path is not None else {}
+
+    def head(self, n: int | None) -> "ReadResult":
+        """The first n good rows (all if n is falsy), keeping the skip report."""
+        out = ReadResult(self[:n] if n else self, self.skipped, self.path)
+        if hasattr(self, "_by_path"):
+            out._by_path = self._by_path
+        return out
+
+    @classmethod
+    def concat(cls, results: "list[ReadResult]") -> "ReadResult":
+        out = cls([row for r in results for row in r],
+                  [s for r in results for s in r.skipped])
+        out._by_path = {}
+        for r in results:
+            for path, skipped in r.skipped_by_path.items():
+                out._by_path.setdefault(path, []).extend(skipped)
+        return out
+
     def __repr__(self) -> str:  # a few thousand dicts is not a useful repr
         return f"ReadResult(path={self.path!r}, rows={len(self)}, skipped={len(self.skipped)})"
 
@@ -112,7 +141,8 @@ def _iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
             yield lineno, raw
 
 
-def _read(path: PathLike, on_bad_row: OnBadRow, validate: Callable[[dict], dict]) -> ReadResult:
+def _read(path: PathLike, on_bad_row: OnBadRow, validate: Callable[[dict], dict],
+          max_line_bytes: int | None = MAX_LINE_BYTES) -> ReadResult:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path_s = os.fspath(path)
@@ -122,6 +152,9 @@ def _read(path: PathLike, on_bad_row: OnBadRow, validate: Callable[[dict], dict]
     for lineno, raw in _iter_lines(path):
         n_lines += 1
         try:
+            if max_line_bytes is not None and len(raw) > max_line_bytes:
+                raise _RowProblem(f"line of {len(raw):,} bytes exceeds max_line_bytes={max_line_bytes:,} "
+                                  f"(a missing newline?)")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -239,19 +272,21 @@ def _make_sts_validator(score_range: tuple[float, float] | None) -> Callable[[di
     return validate
 
 
-def read_retrieval_jsonl(path: PathLike, on_bad_row: OnBadRow = "error") -> ReadResult:
+def read_retrieval_jsonl(path: PathLike, on_bad_row: OnBadRow = "error",
+                         max_line_bytes: int | None = MAX_LINE_BYTES) -> ReadResult:
     """Read a ``{"query", "pos", "neg"}`` file; see the module docstring for rules."""
-    return _read(path, on_bad_row, _validate_retrieval)
+    return _read(path, on_bad_row, _validate_retrieval, max_line_bytes)
 
 
 def read_sts_jsonl(
     path: PathLike,
     on_bad_row: OnBadRow = "error",
     score_range: tuple[float, float] | None = None,
+    max_line_bytes: int | None = MAX_LINE_BYTES,
 ) -> ReadResult:
     """Read a ``{"sentence1", "sentence2", "score"}`` file.
 
     ``score_range`` is inclusive, e.g. ``(0, 5)`` for STS-B; leaving it ``None``
     accepts any finite number, since label scales differ between datasets.
     """
-    return _read(path, on_bad_row, _make_sts_validator(score_range))
+    return _read(path, on_bad_row, _make_sts_validator(score_range), max_line_bytes)

@@ -20,18 +20,18 @@ def zh_mini_jsonl(data_dir: str, file: str, on_bad_row: str = "error",
     """A FlagEmbedding jsonl file of the zh-mini bundle, e.g. `train/nli_triplets.jsonl`."""
     from embedkit.data.readers import read_retrieval_jsonl
 
-    rows = read_retrieval_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row).rows
-    return rows[:max_rows] if max_rows else rows
+    # A ReadResult (a list): its skip report travels with the rows to the data module.
+    return read_retrieval_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row).head(max_rows)
 
 
 def jsonl_files(pattern: str, on_bad_row: str = "error") -> list[dict]:
     """Every FlagEmbedding jsonl file matching a glob, e.g. the C-MTP release at paper scale."""
     import glob
 
-    from embedkit.data.readers import read_retrieval_jsonl
+    from embedkit.data.readers import ReadResult, read_retrieval_jsonl
 
     files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no training files match {pattern!r}; set data.sources or the "
                                 f"environment variable the pattern reads (e.g. CMTP_DIR)")
-    return [row for f in files for row in read_retrieval_jsonl(f, on_bad_row=on_bad_row).rows]
+    return ReadResult.concat([read_retrieval_jsonl(f, on_bad_row=on_bad_row) for f in files])

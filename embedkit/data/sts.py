@@ -32,9 +32,8 @@ def sts_jsonl(data_dir: str, file: str, on_bad_row: str = "error",
     from embedkit.data.paths import data_file
     from embedkit.data.readers import read_sts_jsonl
 
-    rows = read_sts_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row,
-                          score_range=tuple(score_range) if score_range is not None else None).rows
-    return rows[:max_rows] if max_rows else rows
+    return read_sts_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row,
+                          score_range=tuple(score_range) if score_range is not None else None).head(max_rows)
 
 
 class PairDataset(Dataset):
@@ -77,9 +76,10 @@ class StsDataModule(TextDataModule):
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, group_by_length: bool = False, seed: int = 0,
                  cache_dir: str | None = None, num_workers: int = 0,
-                 max_examples: int | None = None, query_instruction: str | None = None):
+                 max_examples: int | None = None, query_instruction: str | None = None,
+                 on_bad_row: str = "error"):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
-                         num_workers=num_workers, max_examples=max_examples)
+                         num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if batch_size < 2:
             raise ValueError(f"CoSENT ranks pairs against each other; batch_size must be >= 2, got {batch_size}")
         if query_instruction:

@@ -13,6 +13,11 @@
    default), once per variant the objective names (Matryoshka dims, M3 retrieval modes), and write
    `results.json` and the encoder into the row's folder.
 5. Write the table (Markdown + CSV) and print it beside the paper's table.
+
+A killed run restarted with `resume=true` runs in the same folder: rows with a clean results.json
+are kept, and the interrupted stage continues from its last checkpoint (embedkit/recipes/recovery.py,
+embedkit/checkpointing.py). Rows that skipped bad training rows (`data.on_bad_row=skip`) say so in
+results.json (`bad_rows`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from embedkit.recipes.recovery import finished_results, inside
 from embedkit.redact import redact, redact_text, write_json
 
 log = logging.getLogger(__name__)
@@ -124,6 +130,8 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor
 
+    from embedkit.checkpointing import (CKPT_DIR, AtomicCheckpointIO, RngState, latest_checkpoint,
+                                        step_checkpoint)
     from embedkit.models.build import init_encoder_from
     from embedkit.models.export import export_sentence_transformers
 
@@ -143,13 +151,21 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
         logger.log_hyperparams(redact(OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    every = int((cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0)
+    ckpt_dir, resume_from, extra = out_dir / CKPT_DIR, None, {}
+    if every > 0:
+        callbacks += [step_checkpoint(ckpt_dir, every), RngState()]
+        extra = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
+        resume_from = latest_checkpoint(ckpt_dir)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **extra)
 
     log.info("%s: training %s with %s%s", name, cfg.model.name,
              cfg.objective._target_.rsplit(".", 1)[-1],
              f" from {cfg.model.init_from}" if cfg.model.get("init_from") else "")
+    if resume_from is not None:
+        log.info("%s: resuming from %s", name, resume_from)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
 
     model_dir = out_dir / "model"
@@ -168,19 +184,27 @@ class Examples:
 
     def __init__(self):
         self._by_key: dict[str, list[dict]] = {}
+        self._bad_rows: dict[str, dict] = {}
 
     def key(self, data_cfg: DictConfig) -> str:
         # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
         return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                           for k in ("sources", "max_examples", "seed")}, sort_keys=True, default=str)
+                           for k in ("sources", "max_examples", "seed", "on_bad_row")},
+                          sort_keys=True, default=str)
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
         key = self.key(data_cfg)
         data = instantiate(data_cfg)
         if key not in self._by_key:
             self._by_key[key] = data.examples
+            self._bad_rows[key] = data.bad_rows
         data.use_examples(self._by_key[key])
         return self._by_key[key], data.vocab_texts()
+
+    def bad_rows(self, data_cfg: DictConfig) -> dict[str, dict]:
+        """{file: {"count", "first"}} of the rows `data.on_bad_row=skip` left out."""
+        return {path: {"count": len(rows), "first": [f"line {n}: {why}" for n, why in rows[:5]]}
+                for path, rows in self._bad_rows.get(self.key(data_cfg), {}).items()}
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -212,9 +236,13 @@ def run(cfg: DictConfig) -> float | None:
 
     table_rows, last = [], None
     for row in rows:
-        row_dir = out_dir if len(rows) == 1 else out_dir / "rows" / safe_label(row["label"])
+        row_dir = out_dir if len(rows) == 1 else inside(out_dir, "rows", safe_label(row["label"]))
         row_dir.mkdir(parents=True, exist_ok=True)
-        results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
+        results = finished_results(row_dir, row["label"])
+        if results is not None:
+            log.info("%s: done in an earlier run (%s), kept", row["label"], row_dir / "results.json")
+        else:
+            results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
         for variant, res in results.items():
             label = row["label"] if not variant else (variant if row["label"] == "run" and len(rows) == 1
                                                       else f"{row['label']} {variant}")
@@ -238,15 +266,16 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
     """Train the row's stages, evaluate every variant; returns {variant label: results}."""
     row_cfg = row_config(cfg, row["overrides"])
     chain = list(row["stages"] or [None])
-    init, steps, train_seconds = row_cfg.model.get("init_from"), {}, 0.0
+    init, steps, train_seconds, bad_rows = row_cfg.model.get("init_from"), {}, 0.0, {}
     for i, stage in enumerate(chain):
         stage_cfg = stage_config(row_cfg, stage, init)
         final = i == len(chain) - 1
         name = f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")
+        bad_rows.update(examples.bad_rows(stage_cfg.data))   # a reused stage's data counts too
         if final:
             stage_dir = row_dir
         else:
-            stage_dir = out_dir / "stages" / f"{stage}-{stage_key(stage_cfg)}"
+            stage_dir = inside(out_dir, "stages", f"{stage}-{stage_key(stage_cfg)}")
             if (stage_dir / "model" / DONE).exists():
                 log.info("%s: reusing %s", name, stage_dir)
                 steps[stage] = json.loads((stage_dir / "model" / DONE).read_text())["steps"]
@@ -259,12 +288,14 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         init = str(stage_dir / "model")
         if not final:
             finish_logger(logger)
+            if not (cfg.get("checkpoint") or {}).get("keep", False):
+                _drop_checkpoints(stage_dir)   # model/.done now stands for the stage
 
     all_results: dict[str, dict] = {}
     instruction = stage_cfg.eval.get("query_instruction") if "eval" in stage_cfg else None
     for variant, kwargs in module.eval_targets().items():
         kwargs = {"query_instruction": instruction, **kwargs}
-        variant_dir = row_dir if not variant else row_dir / "variants" / safe_label(variant)
+        variant_dir = row_dir if not variant else inside(row_dir, "variants", safe_label(variant))
         start = time.perf_counter()
         results = suite.evaluate(**kwargs, model_name=f"embedkit/{cfg.experiment_name}",
                                  revision=safe_label(f"{row['label']}-{variant}" if variant else row["label"]),
@@ -276,6 +307,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "train_seconds": round(train_seconds, 1),
             "eval_seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": _metric(trainer, "train/loss"),
+            "bad_rows": bad_rows,   # {file: {count, first}}: rows data.on_bad_row=skip left out
         })
         write_json(variant_dir / "results.json", results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
@@ -290,7 +322,18 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
                                for k, v in all_results.items()}
         write_json(row_dir / "results.json", summary)
     finish_logger(logger)
+    if not (cfg.get("checkpoint") or {}).get("keep", False):
+        _drop_checkpoints(row_dir)   # the row is done: results.json and model/ are what it keeps
     return all_results
+
+
+def _drop_checkpoints(stage_dir: Path) -> None:
+    import shutil
+
+    from embedkit.checkpointing import CKPT_DIR
+
+    if (stage_dir / CKPT_DIR).is_dir():
+        shutil.rmtree(stage_dir / CKPT_DIR)
 
 
 def _metric(trainer, key: str):

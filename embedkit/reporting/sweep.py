@@ -1,8 +1,8 @@
 """Aggregate a Hydra multirun: one table over every job of the sweep, written when the sweep ends.
 
 Each job writes its own `results.json` into its job folder; this callback only reads them, so a
-job that failed (no results, or an `error` entry) shows up as a row with its error instead of
-hiding the others. `python -m embedkit.reporting.sweep <sweep_dir>` rebuilds the table by hand.
+job that failed (no results, or an `error` entry: embedkit/recipes/recovery.py `guarded`) shows up
+as a row with its error instead of hiding the others, and the sweep exits non-zero at the end. `python -m embedkit.reporting.sweep <sweep_dir>` rebuilds the table by hand.
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ class SweepTable(Callback):
             return
         markdown = aggregate(sweep_dir)
         print(f"\nSweep table ({sweep_dir}/sweep_table.md):\n\n{markdown}\n")
+        failed = [row for row in collect(sweep_dir) if "error" in row]
+        if failed:
+            # The other jobs' results are safe on disk; the exit status still tells scripts and CI.
+            raise SystemExit(
+                f"{len(failed)} sweep job(s) failed: {', '.join(str(r['label']) for r in failed)}. "
+                f"Their errors are in their results.json and in the table above; re-run the same "
+                f"command with resume=true to redo only failed or missing jobs.")
 
 
 if __name__ == "__main__":
