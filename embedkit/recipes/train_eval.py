@@ -82,6 +82,8 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
             for part in ("trainer", "model"):
                 if spec.get(part) is not None:
                     cfg[part] = OmegaConf.merge(cfg[part], spec[part])
+            if "callbacks" in spec:
+                cfg.callbacks = spec.callbacks   # a stage's own training callbacks (e.g. DHNM)
         if init_from is not None:
             cfg.model.init_from = init_from
     return cfg
@@ -92,7 +94,7 @@ def stage_key(cfg: DictConfig) -> str:
     # Resolved node by node, in place: their interpolations need the root, and other stages'
     # nodes may not resolve against this stage's objective.
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-             for k in ("objective", "data", "model", "trainer", "seed") if k in cfg}
+             for k in ("objective", "data", "model", "trainer", "seed", "callbacks") if k in cfg}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -143,6 +145,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
         logger.log_hyperparams(redact(OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
+    # `callbacks: {name: {_target_: ...}}` (conf/callbacks/): e.g. dynamic hard-negative mining.
+    extra = {k: instantiate(v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
+    callbacks += list(extra.values())
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     log.info("%s: training %s with %s%s", name, cfg.model.name,
@@ -157,6 +162,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
     export_sentence_transformers(encoder, model_dir)
     module.save_extras(model_dir)
+    for cb_name, cb in extra.items():
+        if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
+            write_json(out_dir / f"callback_{cb_name}.json", cb.summary())
     (model_dir / DONE).write_text(json.dumps({"steps": int(trainer.global_step)}))
     return module, trainer, logger, seconds
 
