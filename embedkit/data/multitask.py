@@ -65,7 +65,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.query_instruction = query_instruction
         if max_examples:
             for dm in self.tasks.values():   # a run-wide cap (debug=smoke) caps every task
-                dm.max_examples = dm.max_examples or max_examples
+                dm.max_examples = min(dm.max_examples or max_examples, max_examples)
         self.tokenizer = None
 
     @property

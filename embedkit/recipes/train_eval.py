@@ -180,7 +180,7 @@ class Examples:
     def key(self, data_cfg: DictConfig) -> str:
         # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
         return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                           for k in ("sources", "tasks", "max_examples", "seed")}, sort_keys=True, default=str)
+                           for k in ("sources", "tasks", "mining", "max_examples", "seed")}, sort_keys=True, default=str)
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
         key = self.key(data_cfg)
