@@ -125,3 +125,18 @@ def test_dhnm_refuses_in_batch_only_training(tokenizer):
     dm.setup()
     with pytest.raises(ValueError, match="train_group_size"):
         DynamicHardNegatives().attach(dm.dataset)
+
+
+def test_checks_run_on_steps_that_trained_another_task(tokenizer):
+    from types import SimpleNamespace
+
+    dm = _data(tokenizer)
+    cb = DynamicHardNegatives(check_every=5, rescore=0, task="retrieval")
+    cb.attach(dm.dataset)
+    cb.observe([1], [0.5], step=1)
+    cb.observe([1], [0.3], step=2)
+    logged = {}
+    module = SimpleNamespace(last_embeddings={"sts": {}}, log=lambda k, v, **kw: logged.update({k: v}))
+    cb.on_train_batch_end(SimpleNamespace(global_step=5, current_epoch=0), module, None,
+                          {"sts": {}}, 4)
+    assert cb.window_index[1] == 1 and logged["dhnm/refreshed"] == 1.0 and not cb.curve

@@ -180,6 +180,17 @@ class DynamicHardNegatives(pl.Callback):
             self.seen_at[i] = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = int(trainer.global_step)
+        self.track(pl_module, batch, step)
+        # Checks run on the step count whatever task the step trained (sequential training).
+        if step > 0 and step % self.check_every == 0:
+            refreshed = self.check(step, epoch=int(trainer.current_epoch))
+            pl_module.log("dhnm/refreshed", float(refreshed), on_step=True, on_epoch=False)
+            pl_module.log("dhnm/refreshed_total", float(self.refreshed_total), on_step=True,
+                          on_epoch=False)
+
+    def track(self, pl_module, batch, step: int) -> None:
+        """Record this step's scores of the samples it trained on (none if it trained another task)."""
         emb = getattr(pl_module, "last_embeddings", None)
         if self.task is not None:
             batch, emb = batch.get(self.task), (emb or {}).get(self.task)
@@ -193,16 +204,10 @@ class DynamicHardNegatives(pl.Callback):
         groups = p.view(q.shape[0], g, -1)
         pos = (q * groups[:, 0]).sum(-1)
         neg = (q.unsqueeze(1) * groups[:, 1:]).sum(-1).mean(1)
-        step = int(trainer.global_step)
         self.observe(batch["index"].cpu().numpy(), neg.cpu().numpy(), step)
         self.curve.append((step, float(pos.mean()), float(neg.mean())))
         pl_module.log("dhnm/pos_score", pos.mean(), on_step=True, on_epoch=False, batch_size=q.shape[0])
         pl_module.log("dhnm/neg_score", neg.mean(), on_step=True, on_epoch=False, batch_size=q.shape[0])
-        if step > 0 and step % self.check_every == 0:
-            refreshed = self.check(step, epoch=int(trainer.current_epoch))
-            pl_module.log("dhnm/refreshed", float(refreshed), on_step=True, on_epoch=False)
-            pl_module.log("dhnm/refreshed_total", float(self.refreshed_total), on_step=True,
-                          on_epoch=False)
 
     @torch.no_grad()
     def rescore_stale(self, step: int, epoch: int) -> int:
