@@ -14,7 +14,8 @@ ranking from the ANN miner (embedkit/mining/ann.py, query and positives removed,
 Cost. s0 and s are read from the training step's own embeddings (the objective leaves them in
 `last_embeddings`), so tracking needs no extra forward pass. Each check also re-scores up to
 `rescore` samples (default 32, one mini batch) whose last score is the oldest, with one no-grad
-forward of their queries and this epoch's negatives: less than one training step (no backward),
+forward of their queries and this epoch's negatives, in training mode like the scores it is
+compared with: less than one training step (no backward),
 which is the cost the paper states ("the cost of one step"). Rankings are precomputed: carried by
 the data (`candidates` from `python -m embedkit.mining ... miner.keep_candidates=K`) or, with
 `candidates: mine`, ranked once at the start of training by the encoder being trained (its
@@ -225,15 +226,12 @@ class DynamicHardNegatives(pl.Callback):
         groups = [ds.group(int(i), epoch)[1:] for i in chosen]
         q_tok = pad_rows([ds.queries.row(int(i)) for i in chosen], self.pad_id)
         p_tok = pad_rows([ds.passages.row(j) for g in groups for j in g], self.pad_id)
+        # Scored in the encoder's current (training) mode, dropout included: s0 and the other
+        # scores come from training steps, and s must be comparable with them.
         encoder = self.encoder
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            device = next(encoder.parameters()).device
-            q = encoder(q_tok["input_ids"].to(device), q_tok["attention_mask"].to(device)).float()
-            p = encoder(p_tok["input_ids"].to(device), p_tok["attention_mask"].to(device)).float()
-        finally:
-            encoder.train(was_training)
+        device = next(encoder.parameters()).device
+        q = encoder(q_tok["input_ids"].to(device), q_tok["attention_mask"].to(device)).float()
+        p = encoder(p_tok["input_ids"].to(device), p_tok["attention_mask"].to(device)).float()
         n = len(groups[0])
         scores = (q.unsqueeze(1) * p.view(len(chosen), n, -1)).sum(-1).mean(1).cpu().numpy()
         self.observe(chosen, scores, step)
