@@ -26,6 +26,9 @@ Logged: `dhnm/pos_score` and `dhnm/neg_score` per step (batch means, Conan Figur
 curves; the recipe writes it beside the model. The state (windows, s0, s, counts) is saved in
 checkpoints through `state_dict` / `load_state_dict` and re-applied to the data when training
 resumes.
+
+Single process only, for now: under DDP each rank would keep its own state for the samples it
+trains on and refresh only its own copy of the data; the windows are not synchronised across ranks.
 """
 
 from __future__ import annotations
