@@ -87,6 +87,9 @@ class GroupDataset(Dataset):
         self.seed = seed
         self.pos = [[passage_index[p] for p in ex["pos"]] for ex in examples]
         self.neg = [[passage_index[n] for n in ex.get("neg", ())] for ex in examples]
+        # A mined ranking per example (`candidates`, embedkit/mining/ann.py), from which dynamic
+        # hard-negative mining (embedkit/mining/dynamic.py) replaces `neg` during training.
+        self.candidates = [[passage_index[c] for c in ex.get("candidates", ())] for ex in examples]
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -110,9 +113,10 @@ class GroupDataset(Dataset):
                         forbidden.add(cand)
         return group
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray], int]:
         index, epoch = item
-        return self.queries.row(index), [self.passages.row(p) for p in self.group(index, epoch)]
+        return (self.queries.row(index), [self.passages.row(p) for p in self.group(index, epoch)],
+                index)
 
 
 class GroupBatchSampler(Sampler):
@@ -202,9 +206,11 @@ class GroupCollator:
         self.pad_id = pad_id
 
     def __call__(self, items):
-        queries = [q for q, _ in items]
-        passages = [p for _, group in items for p in group]
-        return {"query": pad_rows(queries, self.pad_id), "passages": pad_rows(passages, self.pad_id)}
+        queries = [q for q, _, _ in items]
+        passages = [p for _, group, _ in items for p in group]
+        # `index`: which examples the batch holds, for callbacks that track them (dynamic mining).
+        return {"query": pad_rows(queries, self.pad_id), "passages": pad_rows(passages, self.pad_id),
+                "index": torch.tensor([i for _, _, i in items], dtype=torch.long)}
 
 
 class ContrastiveDataModule(TextDataModule):
@@ -244,8 +250,9 @@ class ContrastiveDataModule(TextDataModule):
             raise RuntimeError("call attach_tokenizer(tokenizer) before setup()")
         passage_index: dict[str, int] = {}
         for ex in self.examples:
-            for text in (*ex["pos"], *ex.get("neg", ())):
+            for text in (*ex["pos"], *ex.get("neg", ()), *ex.get("candidates", ())):
                 passage_index.setdefault(text, len(passage_index))
+        self.passage_texts = list(passage_index)   # row i of the passage table, for re-mining
         queries = tokenize_table([self.query_instruction + ex["query"] for ex in self.examples],
                                  self.tokenizer, self.query_max_len, self.cache_dir)
         passages = tokenize_table(list(passage_index), self.tokenizer, self.passage_max_len,

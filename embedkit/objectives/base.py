@@ -79,6 +79,7 @@ class EmbeddingObjective(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         embeddings = self.embed(batch)
+        self.last_embeddings = embeddings   # read (detached) by callbacks, e.g. dynamic mining
         loss = self.loss_from_embeddings(embeddings, batch)
         size = self.batch_size_of(batch)
         if not self.loss_is_usable(loss, batch_idx, size):

@@ -88,6 +88,8 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
             for part in ("trainer", "model"):
                 if spec.get(part) is not None:
                     cfg[part] = OmegaConf.merge(cfg[part], spec[part])
+            if "callbacks" in spec:
+                cfg.callbacks = spec.callbacks   # a stage's own training callbacks (e.g. DHNM)
         if init_from is not None:
             cfg.model.init_from = init_from
     return cfg
@@ -98,7 +100,7 @@ def stage_key(cfg: DictConfig) -> str:
     # Resolved node by node, in place: their interpolations need the root, and other stages'
     # nodes may not resolve against this stage's objective.
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-             for k in ("objective", "data", "model", "trainer", "seed") if k in cfg}
+             for k in ("objective", "data", "model", "trainer", "seed", "callbacks") if k in cfg}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -151,6 +153,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
         logger.log_hyperparams(redact(OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
+    # `callbacks: {name: {_target_: ...}}` (conf/callbacks/): e.g. dynamic hard-negative mining.
+    stage_callbacks = {k: instantiate(v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
+    callbacks += list(stage_callbacks.values())
     every = int((cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0)
     ckpt_dir, resume_from, extra = out_dir / CKPT_DIR, None, {}
     if every > 0:
@@ -173,6 +178,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
     export_sentence_transformers(encoder, model_dir)
     module.save_extras(model_dir)
+    for cb_name, cb in stage_callbacks.items():
+        if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
+            write_json(out_dir / f"callback_{cb_name}.json", cb.summary())
     (model_dir / DONE).write_text(json.dumps({"steps": int(trainer.global_step)}))
     return module, trainer, logger, seconds
 
@@ -189,7 +197,7 @@ class Examples:
     def key(self, data_cfg: DictConfig) -> str:
         # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
         return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                           for k in ("sources", "max_examples", "seed", "on_bad_row")},
+                           for k in ("sources", "tasks", "mining", "max_examples", "seed", "on_bad_row")},
                           sort_keys=True, default=str)
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
