@@ -72,6 +72,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def examples(self) -> dict[str, list[dict]]:
         return {name: dm.examples for name, dm in self.tasks.items()}
 
+    @property
+    def bad_rows(self) -> dict[str, list[tuple[int, str]]]:
+        """Every task's skipped rows ({file: [(line, reason), ...]}), for the run's results.json."""
+        merged: dict[str, list[tuple[int, str]]] = {}
+        for dm in self.tasks.values():
+            for path, rows in getattr(dm, "bad_rows", {}).items():
+                merged.setdefault(path, []).extend(rows)
+        return merged
+
     def use_examples(self, examples: Mapping[str, list[dict]]) -> None:
         for name, dm in self.tasks.items():
             dm.use_examples(examples[name])
