@@ -62,6 +62,41 @@ def test_instruction_goes_to_queries_only(tokenizer):
     assert not p.startswith("为检索")
 
 
+def test_a_row_prompt_replaces_the_instruction_and_empty_means_none(tokenizer):
+    # BGE instructs retrieval queries only: symmetric sources carry prompt "" (FlagEmbedding's
+    # per-row instruction), and a row's own prompt wins over the data config's instruction.
+    plain = [dict(r, prompt="") for r in ROWS[:20]]
+    own = [dict(r, prompt="检索：") for r in ROWS[20:30]]
+    rows = plain + own + ROWS[30:]
+    dm = ContrastiveDataModule([lambda: rows], batch_size=8, train_group_size=1, seed=7,
+                               query_instruction="为检索：", group_by_length=False)
+    dm.attach_tokenizer(tokenizer)
+    dm.setup()
+    seen = {}
+    for batch in dm.train_dataloader():
+        q = batch["query"]
+        for ids, mask in zip(q["input_ids"], q["attention_mask"]):
+            text = _decode(tokenizer, ids, mask)
+            seen[text.split("问题")[1]] = text.split("问题")[0]
+    assert seen and all(seen[str(i)] == "" for i in range(20) if str(i) in seen)
+    assert all(seen[str(i)] == "检索：" for i in range(20, 30) if str(i) in seen)
+    assert all(seen[str(i)] == "为检索：" for i in range(30, 40) if str(i) in seen)
+    assert {k for k in seen} & {str(i) for i in range(20)} and {k for k in seen} & {str(i) for i in range(30, 40)}
+
+
+def test_zh_mini_source_stamps_its_prompt(tmp_path):
+    import json
+
+    from embedkit.data.sources import zh_mini_jsonl
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "f.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"query": "甲", "pos": ["乙"]}, {"query": "丙", "pos": ["丁"], "prompt": "自带："}]), encoding="utf-8")
+    rows = zh_mini_jsonl(str(tmp_path), "train/f.jsonl", prompt="")
+    assert [r["prompt"] for r in rows] == ["", "自带："]
+    assert "prompt" not in zh_mini_jsonl(str(tmp_path), "train/f.jsonl")[0]
+
+
 def test_dynamic_padding_pads_to_longest_in_batch(tokenizer):
     dm = _module(tokenizer)
     for batch in dm.train_dataloader():

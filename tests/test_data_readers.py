@@ -76,6 +76,7 @@ def _assert_names(err: BadRowError, path: Path, line: int, fragment: str):
         ({"query": "q", "pos": ["p"], "neg": "n"}, "'neg' must be a list of strings, got a string"),
         ({"query": "q", "pos": ["a", "b"], "neg": ["c", "b"]}, "pos[1] also appears as neg[1]"),
         ({"query": "q", "pos": ["同一句。"], "neg": ["同一句。 "]}, "pos[0] also appears as neg[0]"),
+        ({"query": "q", "pos": ["p"], "prompt": 1}, "'prompt' (the row's query instruction) must be a string"),
     ],
 )
 def test_retrieval_bad_row_names_file_and_line(tmp_path, bad, fragment):

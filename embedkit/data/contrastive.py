@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from embedkit.data.base import TextDataModule
+from embedkit.data.instructions import instructed_query
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class ContrastiveDataModule(TextDataModule):
             for text in (*ex["pos"], *ex.get("neg", ()), *ex.get("candidates", ())):
                 passage_index.setdefault(text, len(passage_index))
         self.passage_texts = list(passage_index)   # row i of the passage table, for re-mining
-        queries = tokenize_table([self.query_instruction + ex["query"] for ex in self.examples],
+        queries = tokenize_table([instructed_query(ex, self.query_instruction) for ex in self.examples],
                                  self.tokenizer, self.query_max_len, self.cache_dir)
         passages = tokenize_table(list(passage_index), self.tokenizer, self.passage_max_len,
                                   self.cache_dir)

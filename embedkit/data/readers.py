@@ -240,6 +240,9 @@ def _validate_retrieval(obj: dict) -> dict:
                 raise _RowProblem(
                     f"pos[{i}] also appears as neg[{j}] (false negative): {_preview(p)}"
                 )
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        raise _RowProblem(f"'prompt' (the row's query instruction) must be a string, got "
+                          f"{_json_type(obj['prompt'])}")
     if "neg" not in obj:
         obj["neg"] = neg
     return obj

@@ -16,12 +16,20 @@ def people_daily_pairs(max_pairs: int | None = None, seed: int = 0) -> list[dict
 
 
 def zh_mini_jsonl(data_dir: str, file: str, on_bad_row: str = "error",
-                  max_rows: int | None = None) -> list[dict]:
-    """A FlagEmbedding jsonl file of the zh-mini bundle, e.g. `train/nli_triplets.jsonl`."""
+                  max_rows: int | None = None, prompt: str | None = None) -> list[dict]:
+    """A FlagEmbedding jsonl file of the zh-mini bundle, e.g. `train/nli_triplets.jsonl`.
+
+    `prompt` stamps every row that has none with FlagEmbedding's per-row instruction: `""` keeps
+    this file's queries plain whatever the data config's `query_instruction` (symmetric tasks).
+    """
     from embedkit.data.readers import read_retrieval_jsonl
 
     # A ReadResult (a list): its skip report travels with the rows to the data module.
-    return read_retrieval_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row).head(max_rows)
+    rows = read_retrieval_jsonl(data_file(data_dir, file), on_bad_row=on_bad_row).head(max_rows)
+    if prompt is not None:
+        for row in rows:
+            row.setdefault("prompt", prompt)
+    return rows
 
 
 def jsonl_files(pattern: str, on_bad_row: str = "error") -> list[dict]:

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from embedkit.filters import FilterReport
+from embedkit.data.instructions import instructed_query
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class TeacherScoreFilter:
 
     def scores(self, rows: Sequence[dict], encoder) -> list[np.ndarray]:
         """Per row, the cosine of its query with each of its positives."""
-        queries = encoder.encode([self.query_instruction + r["query"] for r in rows],
+        queries = encoder.encode([instructed_query(r, self.query_instruction) for r in rows],
                                  batch_size=self.batch_size, max_length=self.max_length)
         passages = [p for r in rows for p in r["pos"]]
         pvecs = encoder.encode(passages, batch_size=self.batch_size, max_length=self.max_length)

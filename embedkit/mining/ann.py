@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from embedkit.data.instructions import instructed_query
+
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf")
@@ -216,7 +218,7 @@ class HardNegativeMiner:
         rows = list(rows)
         pool = list(dict.fromkeys(pool)) if pool is not None else candidate_pool(rows)
         enc = encode or encoder.encode
-        query_vecs = enc([self.query_instruction + r["query"] for r in rows],
+        query_vecs = enc([instructed_query(r, self.query_instruction) for r in rows],
                          batch_size=self.batch_size, max_length=self.query_max_len)
         pool_vecs = enc(pool, batch_size=self.batch_size, max_length=self.passage_max_len)
         out, report = mine_from_embeddings(rows, query_vecs, pool, pool_vecs, **self.settings)

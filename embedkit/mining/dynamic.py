@@ -39,6 +39,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from embedkit.data.instructions import instructed_query
+
 log = logging.getLogger(__name__)
 
 
@@ -151,7 +153,7 @@ class DynamicHardNegatives(pl.Callback):
         from embedkit.mining.ann import mine_from_embeddings
 
         ds, texts = dm.dataset, dm.passage_texts
-        q = encoder.encode([dm.query_instruction + ex["query"] for ex in dm.examples],
+        q = encoder.encode([instructed_query(ex, dm.query_instruction) for ex in dm.examples],
                            batch_size=self.mine_batch_size, max_length=dm.query_max_len)
         p = encoder.encode(texts, batch_size=self.mine_batch_size, max_length=dm.passage_max_len)
         rows = [{"query": ex["query"], "pos": ex["pos"]} for ex in dm.examples]
