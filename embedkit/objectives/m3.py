@@ -140,7 +140,7 @@ class M3(EmbeddingObjective):
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
                  lr: float = 3e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error"):
+                 on_nonfinite_loss: str = "error", grad_cache=None):
         """
         heads: the heads to train (a subset of dense, sparse, multivec).
         self_distill / self_distill_start_step: L' on or off, and from which optimiser step.
@@ -155,7 +155,7 @@ class M3(EmbeddingObjective):
             it holds none (FlagEmbedding's behaviour when the head files are absent).
         """
         super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = float(temperature)
@@ -210,9 +210,11 @@ class M3(EmbeddingObjective):
         *_colbert_mask: token vectors (CLS dropped) and their mask. Only trained heads appear."""
         out = {}
         for side in ("query", "passages"):
-            for key, value in self._encode(batch[side]).items():
-                out[side + key] = value
+            out.update(self.embed_tokens(side, batch[side]))
         return out
+
+    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
+        return {side + key: value for key, value in self._encode(features).items()}
 
     def scores(self, emb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw (B, B·G) score matrices of the trained heads."""

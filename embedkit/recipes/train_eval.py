@@ -143,7 +143,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
         logger.log_hyperparams(redact(OmegaConf.to_container(
             OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    # GradCache runs under manual optimisation: it takes clipping and accumulation from the trainer.
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                          **module.trainer_overrides(cfg.trainer))
 
     log.info("%s: training %s with %s%s", name, cfg.model.name,
              cfg.objective._target_.rsplit(".", 1)[-1],
