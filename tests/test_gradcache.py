@@ -240,3 +240,21 @@ def test_checkpoint_saves_and_restores(tok, tmp_path):
     restored.load_state_dict(ckpt["state_dict"])
     for p, q in zip(m.parameters(), restored.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
+    """InfoNCE's pass 2 in query blocks (one score block alive) gives the loss and embedding
+    gradients of autograd on the whole score matrix, scaled by the accumulation factor."""
+    module = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2)
+    with torch.no_grad():
+        emb = module.embed(pair_batch(tok))
+    leaves = {k: v.clone().requires_grad_() for k, v in emb.items()}
+    loss = module.loss_from_embeddings(leaves, None)
+    (loss * 0.5).backward()
+    blocked_loss, grads = module.loss_and_grads(emb, None, scale=0.5, rows=rows)
+    torch.testing.assert_close(blocked_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    for key in ("query", "passages"):
+        torch.testing.assert_close(grads[key], leaves[key].grad, rtol=1e-5, atol=1e-7)
+    module.negatives_cross_device = True
+    assert module.loss_and_grads(emb, None, scale=1.0, rows=rows) is None

@@ -184,18 +184,41 @@ class GradCache:
                     terms = [sum(v.float().sum() for v in out.values() if v.is_floating_point()) * 0.0]
                 backward(torch.stack(terms).sum())
 
-    def training_step(self, module, batch, batch_idx):
-        trainer = module.trainer
-        loss, embeddings, leaves, chunks = self.loss_and_cache(module, batch)
-        size = module.batch_size_of(batch)
-        boundary = ((batch_idx + 1) % self.accumulate_grad_batches == 0
-                    or bool(getattr(trainer, "is_last_batch", False)))
-        if module.loss_is_usable(loss, batch_idx, size):
+    def cached_loss(self, module, batch):
+        """Passes 1 and 2: (loss, embeddings, chunks, grads or None). An objective with a blocked
+        pass 2 (`loss_and_grads`, InfoNCE) already returns the embedding gradients; otherwise they
+        come from autograd on the whole loss, once the loss is known to be usable."""
+        blocked = getattr(module, "loss_and_grads", None)
+        if blocked is not None:
+            embeddings, chunks = self.embed_no_grad(module, batch)
+            out = blocked(embeddings, batch, 1.0 / self.accumulate_grad_batches, self.mini_batch)
+            if out is not None:
+                return out[0], embeddings, chunks, out[1]
+            leaves = {k: v.detach().requires_grad_() for k, v in embeddings.items()
+                      if v.is_floating_point()}
+            embeddings = {**embeddings, **leaves}
+            with torch.enable_grad():
+                loss = module.loss_from_embeddings(embeddings, batch)
+        else:
+            loss, embeddings, leaves, chunks = self.loss_and_cache(module, batch)
+
+        def grads():
             # The division by the accumulation count that Lightning applies in automatic mode.
             keys = list(leaves)
             found = torch.autograd.grad(loss / self.accumulate_grad_batches,
                                         [leaves[k] for k in keys], allow_unused=True)
-            grads = dict(zip(keys, found))
+            return dict(zip(keys, found))
+        return loss, embeddings, chunks, grads
+
+    def training_step(self, module, batch, batch_idx):
+        trainer = module.trainer
+        loss, embeddings, chunks, grads = self.cached_loss(module, batch)
+        size = module.batch_size_of(batch)
+        boundary = ((batch_idx + 1) % self.accumulate_grad_batches == 0
+                    or bool(getattr(trainer, "is_last_batch", False)))
+        if module.loss_is_usable(loss, batch_idx, size):
+            if callable(grads):
+                grads = grads()
             ddp = _ddp_module(trainer)
 
             def context_for(last):
