@@ -129,3 +129,22 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_and_without_gradca
         torch.testing.assert_close(l2, loss)
         for n, g in grads.items():
             torch.testing.assert_close(g2[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_paper_scale_19200_row_with_gradcache_composes():
+    """The GradCache row of C-Pack Table 4: 19,200 on one node, cross-device negatives on."""
+    cfg = _compose(["+experiment=bge_ablation_batchsize_gradcache", "scale=paper"])
+    resolved = _resolve(cfg)
+    assert resolved["objective"]["negatives_cross_device"] is True
+    rows = resolved["ablation"]["rows"]["paper"]
+    gc_row = rows[-1]["overrides"]
+    assert gc_row["data.batch_size"] * gc_row["trainer.devices"] * gc_row["trainer.num_nodes"] == 19200
+    assert gc_row["objective.grad_cache"] == {"mini_batch": 128}
+    from embedkit.recipes.train_eval import row_config
+
+    cfg = row_config(cfg, gc_row)   # as the recipe applies a row
+    objective = instantiate(cfg.objective, encoder=None, _partial_=True)
+    assert objective.keywords["grad_cache"]["mini_batch"] == 128
+    # The mini rows are bge_ablation_batchsize's (the full mini run stays within its budget).
+    base = _resolve(_compose(["+experiment=bge_ablation_batchsize"]))
+    assert resolved["ablation"]["rows"]["mini"] == base["ablation"]["rows"]["mini"]
