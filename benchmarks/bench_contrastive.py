@@ -387,10 +387,12 @@ def report(results, info, quick) -> str:
                          f"whole batch's activations (peak RSS {plain['peak_rss_mib']:.0f} vs "
                          f"{cached['peak_rss_mib']:.0f} MiB), which can be slower per row on a CPU than "
                          f"128-row chunks (not profiled here), and the two runs were minutes apart on a "
-                         f"shared machine whose load changed (1-min load average "
-                         f"{plain.get('load_avg_1min', float('nan')):.1f} vs "
-                         f"{cached.get('load_avg_1min', float('nan')):.1f} at their starts; run load "
-                         f"{info['load_avg_at_start'][0]:.1f} → {info['load_avg_at_end'][0]:.1f}). Read "
+                         f"shared machine whose load changed ("
+                         + (f"1-min load average {plain['load_avg_1min']:.1f} vs "
+                            f"{cached['load_avg_1min']:.1f} at their starts; "
+                            if "load_avg_1min" in plain and "load_avg_1min" in cached else "")
+                         + f"whole run {info['load_avg_at_start'][0]:.1f} → "
+                         f"{info['load_avg_at_end'][0]:.1f}). Read "
                          f"it as: no overhead measurable here, not as a speed-up.")
     if big and base:
         lines.append(f"- For scale: per sample, GradCache at batch {big['batch']:,} took "
