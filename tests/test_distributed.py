@@ -120,7 +120,33 @@ CASES = {
                                                   grad_cache={"mini_batch": mb}), False, 1),
     "m3_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, grad_cache={"mini_batch": mb}),
                      False, 2),
+    "m3_cross_device_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, negatives_cross_device=True,
+                                                     grad_cache={"mini_batch": mb}), "m3", 2),
 }
+
+
+def _m3_cross_device_reference(module, batch):
+    """Per rank, M3's local loss with L_dense swapped for the cross-entropy against every rank's
+    passages: with self-distillation and 3 heads, loss = (L + L')/2 and L = (Σ λ_h L_h + L_inter)/4,
+    so the swap adds λ_dense·(L_cross − L_dense_local)/8. Returns the ranks' losses and the
+    gradients of their mean."""
+    import torch.nn.functional as F
+
+    module.zero_grad(set_to_none=True)
+    all_p = module.embed(batch)["passages"]
+    losses = []
+    for r in range(WORLD):
+        part = rank_slice(batch, r)
+        emb = module.embed(part)
+        q, p = emb["query"], emb["passages"]
+        rows = torch.arange(PER_RANK)
+        local_dense = F.cross_entropy(q @ p.T / module.temperature, rows * GROUP)
+        cross = F.cross_entropy(q @ all_p.T / module.temperature, (r * PER_RANK + rows) * GROUP)
+        swap = module.loss_weights["dense"] * (cross - local_dense) / 8
+        losses.append(module.loss_from_embeddings(emb, part) + swap)
+    torch.stack(losses).mean().backward()
+    return [x.item() for x in losses], {n: p.grad.clone() for n, p in module.named_parameters()
+                                        if p.grad is not None}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -132,7 +158,10 @@ def test_two_ranks_equal_one_process(tok, tmp_path, monkeypatch, case):
 
     reference = build(encoder(tok), None)
     reference.negatives_cross_device = False   # one process: the full batch is the whole pool
-    if cross_device:
+    if cross_device == "m3":
+        ref_losses, ref_grads = _m3_cross_device_reference(reference, batch)
+        ref_loss = sum(ref_losses) / WORLD
+    elif cross_device:
         ref_losses, ref_grads = _reference(reference, [batch])
         ref_loss = ref_losses[0]
     else:   # each rank's own in-batch loss; DDP averages their gradients
@@ -143,7 +172,7 @@ def test_two_ranks_equal_one_process(tok, tmp_path, monkeypatch, case):
     # One gradient all-reduce per optimiser step, however many chunks GradCache replays.
     assert syncs == [1] * WORLD
     assert sum(losses) / WORLD == pytest.approx(ref_loss, rel=1e-5)
-    if not cross_device:
+    if cross_device != True:   # noqa: E712 - per-rank losses are known unless InfoNCE scores globally
         assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert set(grads[0]) == set(grads[1]) == set(ref_grads)
     for name, g in ref_grads.items():

@@ -258,3 +258,13 @@ def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
         torch.testing.assert_close(grads[key], leaves[key].grad, rtol=1e-5, atol=1e-7)
     module.negatives_cross_device = True
     assert module.loss_and_grads(emb, None, scale=1.0, rows=rows) is None
+
+
+@pytest.mark.parametrize("build", [lambda enc, x: InfoNCE(enc, train_group_size=2, negatives_cross_device=x),
+                                   lambda enc, x: M3(enc, train_group_size=2, negatives_cross_device=x)])
+def test_cross_device_switch_is_plain_on_one_process(tok, build):
+    """Without a process group the switch changes nothing (tests/test_distributed.py: 2 ranks)."""
+    batch = pair_batch(tok)
+    on, off = build(encoder(tok), True), build(encoder(tok), False)
+    torch.testing.assert_close(on.loss_from_embeddings(on.embed(batch), batch),
+                               off.loss_from_embeddings(off.embed(batch), batch), rtol=0, atol=0)
