@@ -148,3 +148,17 @@ def test_paper_scale_19200_row_with_gradcache_composes():
     # The mini rows are bge_ablation_batchsize's (the full mini run stays within its budget).
     base = _resolve(_compose(["+experiment=bge_ablation_batchsize"]))
     assert resolved["ablation"]["rows"]["mini"] == base["ablation"]["rows"]["mini"]
+
+
+@pytest.mark.parametrize("objective", ["infonce", "cosent", "matryoshka", "m3"])
+def test_every_embedding_objective_takes_the_grad_cache_switch(tok, objective):
+    from test_gradcache import encoder
+
+    extra = ["objective.dims=[16,32]"] if objective == "matryoshka" else []
+    cfg = _compose([f"objective={objective}", "objective.grad_cache.mini_batch=16", *extra])
+    module = instantiate(cfg.objective, encoder=encoder(tok))
+    assert module.grad_cache.mini_batch == 16 and module.automatic_optimization is False
+    if objective == "matryoshka":   # the wrapper caches; its inner objective runs plain
+        assert module.inner.grad_cache is None
+    off = instantiate(_compose([f"objective={objective}", *extra]).objective, encoder=encoder(tok))
+    assert off.grad_cache is None and off.automatic_optimization is True
