@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # CI and the mini scale never want CUDA wheels (several GB); set ALLOW_CUDA=1 on a GPU machine.
 ALLOW_CUDA ?= 0
 
-.PHONY: install run smoke sweep test clean
+.PHONY: install run smoke sweep test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ sweep: install
 
 test: install
 	$(PY) -m pytest
+
+# Speed and memory targets (never timed tests): writes benchmarks/RESULTS.md (~20 min on 2 cores).
+bench: install
+	$(PY) benchmarks/bench_contrastive.py
 
 clean:
 	rm -rf logs .cache

@@ -128,7 +128,8 @@ class GroupBatchSampler(Sampler):
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool = True,
-                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0, megabatch: int = 50):
+                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0, megabatch: int = 50,
+                 keys: Sequence[frozenset] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = lengths
@@ -139,8 +140,10 @@ class GroupBatchSampler(Sampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.megabatch = megabatch
+        self.keys = keys   # text ids per row: no two rows of a (global) batch share one
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
+        self._cached: tuple[int, list[np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -170,7 +173,14 @@ class GroupBatchSampler(Sampler):
                 chunk[np.argsort(-self.lengths[chunk], kind="stable")]
                 for chunk in np.array_split(order, range(span, len(order), span))
             ]) if len(order) else order
-        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.keys is not None:
+            from embedkit.data.no_duplicates import pack_without_duplicates
+
+            batches = pack_without_duplicates(order, self.keys, size)
+            if self.drop_last or self.num_replicas > 1:
+                batches = [b for b in batches if len(b) == size]
+        else:
+            batches = [order[i:i + size] for i in range(0, len(order), size)]
         if batches and len(batches[-1]) < size and (self.drop_last or self.num_replicas > 1):
             batches.pop()
         if self.group_by_length:
@@ -187,6 +197,10 @@ class GroupBatchSampler(Sampler):
             yield [(int(i), self.epoch) for i in part]
 
     def __len__(self) -> int:
+        if self.keys is not None:   # packing may defer rows: count this epoch's batches
+            if self._cached is None or self._cached[0] != self.epoch:
+                self._cached = (self.epoch, self.global_batches())
+            return len(self._cached[1])
         size = self.batch_size * self.num_replicas
         n = len(self.lengths)
         return n // size if (self.drop_last or self.num_replicas > 1) else -(-n // size)
@@ -225,7 +239,8 @@ class ContrastiveDataModule(TextDataModule):
                  train_group_size: int = 1, query_max_len: int = 32, passage_max_len: int = 128,
                  query_instruction: str | None = None, group_by_length: bool = True,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
-                 max_examples: int | None = None, on_bad_row: str = "error"):
+                 max_examples: int | None = None, on_bad_row: str = "error",
+                 no_duplicates: bool = False):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if train_group_size < 1:
@@ -235,6 +250,7 @@ class ContrastiveDataModule(TextDataModule):
         self.passage_max_len = passage_max_len
         self.query_instruction = query_instruction or ""
         self.group_by_length = group_by_length
+        self.no_duplicates = no_duplicates
         self.dataset: GroupDataset | None = None
 
     def texts_of(self, example: dict) -> list[str]:
@@ -269,8 +285,19 @@ class ContrastiveDataModule(TextDataModule):
     def batch_sampler(self) -> GroupBatchSampler:
         ds = self.dataset
         first_pos = np.array([p[0] for p in ds.pos])
-        return self.group_batch_sampler(ds.queries.lengths() + ds.passages.lengths()[first_pos],
-                                        self.group_by_length)
+        sampler = self.group_batch_sampler(ds.queries.lengths() + ds.passages.lengths()[first_pos],
+                                           self.group_by_length)
+        if self.no_duplicates:
+            sampler.keys = self.duplicate_keys()
+        return sampler
+
+    def duplicate_keys(self) -> list[frozenset]:
+        """Per example, the ids of the texts that must not repeat within a batch: its query and
+        its positives (a shared positive is an in-batch false negative). Hard negatives are left
+        out: the same mined negative in two groups is a true negative for both rows."""
+        ids: dict[str, int] = {}
+        return [frozenset(ids.setdefault(t, len(ids)) for t in (ex["query"], *ex["pos"]))
+                for ex in self.examples]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=self.batch_sampler(),

@@ -15,6 +15,11 @@ no parameter update: Lightning's `training_step` returning None) and counts it i
 `train/skipped_nonfinite`; the learning-rate schedule still advances. Under DDP the decision is
 reduced over ranks (any rank non-finite: every rank errors or skips), so ranks never disagree on
 whether to run backward. The total gradient norm before clipping is logged as `train/grad_norm`.
+
+`grad_cache={"mini_batch": N}` (None or N = null: off) trains with GradCache instead of one plain
+backward (embedkit/objectives/gradcache.py): the step then runs under Lightning's manual
+optimisation, which takes over gradient clipping and accumulation from the Trainer
+(`trainer_overrides`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class NonFiniteLossError(FloatingPointError):
 class EmbeddingObjective(pl.LightningModule):
     def __init__(self, encoder: TextEncoder, lr: float, weight_decay: float = 0.0,
                  warmup_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, on_nonfinite_loss: str = "error"):
+                 eps: float = 1e-8, on_nonfinite_loss: str = "error", grad_cache=None):
         super().__init__()
         if on_nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_POLICIES}, "
@@ -51,6 +56,11 @@ class EmbeddingObjective(pl.LightningModule):
         self.eps = eps
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_nonfinite = 0
+        from embedkit.objectives.gradcache import GradCache
+
+        self.grad_cache = GradCache.from_config(grad_cache)
+        # GradCache back-propagates chunk by chunk inside the step: manual optimisation.
+        self.automatic_optimization = self.grad_cache is None
 
     def embed(self, batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -77,7 +87,20 @@ class EmbeddingObjective(pl.LightningModule):
     def save_extras(self, out_dir) -> None:
         """Save what the objective adds beside the encoder (M3's heads); the encoder saves itself."""
 
+    def embed_tokens(self, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of `embed(batch)` that one tokenised column `batch[side]` makes, by itself.
+
+        GradCache embeds each column in row chunks through this; objectives that support it
+        return the same keys and values as `embed` does for that column."""
+        raise NotImplementedError(f"{type(self).__name__} does not support GradCache")
+
+    def trainer_overrides(self, trainer_cfg) -> dict:
+        """Trainer arguments this objective must set itself (GradCache: clipping, accumulation)."""
+        return self.grad_cache.trainer_overrides(trainer_cfg) if self.grad_cache else {}
+
     def training_step(self, batch, batch_idx):
+        if self.grad_cache is not None:
+            return self.grad_cache.training_step(self, batch, batch_idx)
         embeddings = self.embed(batch)
         self.last_embeddings = embeddings   # read (detached) by callbacks, e.g. dynamic mining
         loss = self.loss_from_embeddings(embeddings, batch)
@@ -136,6 +159,8 @@ class EmbeddingObjective(pl.LightningModule):
             return   # a skipped batch: nothing was back-propagated
         norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
         self.log("train/grad_norm", torch.linalg.vector_norm(norms), on_step=True, on_epoch=False)
+        if self.grad_cache is not None:
+            self.grad_cache.clip(self, optimizer)   # Lightning skips clipping in manual optimisation
 
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
@@ -150,5 +175,7 @@ class EmbeddingObjective(pl.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.lr, betas=self.betas, eps=self.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.grad_cache is not None:
+            total = self.grad_cache.total_steps(self.trainer)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -64,9 +64,9 @@ class CoSENT(EmbeddingObjective):
 
     def __init__(self, encoder: TextEncoder, scale: float = 20.0, lr: float = 3e-5,
                  weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error"):
+                 on_nonfinite_loss: str = "error", grad_cache=None):
         super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
         if scale <= 0:
             raise ValueError(f"scale (λ, an inverse temperature) must be > 0, got {scale}")
         self.scale = scale
@@ -75,6 +75,9 @@ class CoSENT(EmbeddingObjective):
     def embed(self, batch) -> dict[str, torch.Tensor]:
         return {"sentence1": self.encoder(**batch["sentence1"]),
                 "sentence2": self.encoder(**batch["sentence2"])}
+
+    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
+        return {side: self.encoder(**features)}
 
     def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
         return cosent_loss(embeddings["sentence1"], embeddings["sentence2"], batch["labels"], self.scale)

@@ -12,6 +12,18 @@ sentence-transformers' MultipleNegativesRankingLoss with scale = 1/τ on the sam
 Defaults: τ = 0.02 (FlagEmbedding since BGE v1.5; v1 used 0.01), train_group_size = 1, i.e.
 in-batch negatives only as in C-Pack's general-purpose stage; the task stage uses 8 in
 FlagEmbedding's defaults. The query instruction is applied by the data module to queries only.
+
+Cross-device negatives (`negatives_cross_device=True`, FlagEmbedding's `--negatives_cross_device`):
+under DDP with W ranks of B queries each, every rank scores its own queries against the passages
+of all ranks (W·B·G columns, all-gathered with gradient, `torch.distributed.nn.functional.
+all_gather`), with query i of rank r targeting column (r·B + i)·G. The gather's backward sums
+each rank's gradient into the owner's slice, and DDP averages over ranks, so the parameter
+gradient equals one process's on the W·B-query batch, whose loss is the mean of the ranks'
+(tests/test_distributed.py). Queries need no gathering: only this rank's rows are scored (the
+same value as scoring all W·B rows on every rank, at 1/W of the score matrix). Off, or outside
+DDP, it is plain InfoNCE. Needs equal per-rank batches (the batch sampler drops the last partial one).
+GradCache (`grad_cache.mini_batch`) composes with it: the gather runs once on the cached
+embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch.nn.functional as F
 
 from embedkit.models.encoder import TextEncoder
 from embedkit.objectives.base import EmbeddingObjective
+from embedkit.objectives.cross_device import gather_rows
 
 
 def info_nce_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -33,23 +46,72 @@ def info_nce_loss(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch
     return F.cross_entropy(scores, target)
 
 
+def info_nce_loss_grouped(q: torch.Tensor, p: torch.Tensor, temperature: float, group_size: int,
+                          query_offset: int = 0) -> torch.Tensor:
+    """InfoNCE where query i's positive is row (query_offset + i)·group_size of p."""
+    if p.shape[0] % group_size or p.shape[0] < (query_offset + q.shape[0]) * group_size:
+        raise ValueError(f"{p.shape[0]} passages cannot hold groups of {group_size} for queries "
+                         f"{query_offset}..{query_offset + q.shape[0] - 1}")
+    scores = q @ p.T / temperature
+    target = (query_offset + torch.arange(q.shape[0], device=q.device)) * group_size
+    return F.cross_entropy(scores, target)
+
+
 class InfoNCE(EmbeddingObjective):
     def __init__(self, encoder: TextEncoder, temperature: float = 0.02, train_group_size: int = 1,
                  lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error"):
+                 on_nonfinite_loss: str = "error", grad_cache=None,
+                 negatives_cross_device: bool = False):
         super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = temperature
         self.train_group_size = train_group_size
+        self.negatives_cross_device = bool(negatives_cross_device)
         self.save_hyperparameters(ignore=["encoder"])
 
     def embed(self, batch) -> dict[str, torch.Tensor]:
         return {"query": self.encoder(**batch["query"]), "passages": self.encoder(**batch["passages"])}
 
+    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
+        return {side: self.encoder(**features)}
+
     def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
-        return info_nce_loss(embeddings["query"], embeddings["passages"], self.temperature)
+        q, p = embeddings["query"], embeddings["passages"]
+        if not self.negatives_cross_device:
+            return info_nce_loss(q, p, self.temperature)
+        if p.shape[0] % q.shape[0]:
+            raise ValueError(f"{p.shape[0]} passages do not split into groups for {q.shape[0]} queries")
+        all_p, rank = gather_rows(p)
+        return info_nce_loss_grouped(q, all_p, self.temperature, p.shape[0] // q.shape[0],
+                                     query_offset=rank * q.shape[0])
+
+    def loss_and_grads(self, embeddings, batch, scale: float, rows: int):
+        """GradCache's pass 2 in blocks of `rows` queries: (loss, {key: ∂(scale·loss)/∂embedding}).
+
+        The loss is a mean of per-query cross-entropies, so it is a sum over query blocks, each
+        back-propagated at once; only one (rows × B·G) score block is alive at a time instead of
+        the full B × B·G matrix (at B = 19,200 that matrix alone is 1.5 GB in float32), as
+        sentence-transformers' CachedMultipleNegativesRankingLoss does. None with cross-device
+        negatives (the gathered path is left to autograd)."""
+        if self.negatives_cross_device:
+            return None
+        q, p = embeddings["query"].detach(), embeddings["passages"].detach().requires_grad_()
+        if p.shape[0] % q.shape[0]:
+            raise ValueError(f"{p.shape[0]} passages do not split into groups for {q.shape[0]} queries")
+        n, group = q.shape[0], p.shape[0] // q.shape[0]
+        grad_q = torch.empty_like(q)
+        total = q.new_zeros((), dtype=torch.float32)
+        for a in range(0, n, rows):
+            block = q[a:a + rows].requires_grad_()
+            with torch.enable_grad():
+                target = torch.arange(a, a + block.shape[0], device=q.device) * group
+                loss = F.cross_entropy(block @ p.T / self.temperature, target, reduction="sum") / n
+                (loss * scale).backward()
+            grad_q[a:a + block.shape[0]] = block.grad
+            total = total + loss.detach().float()
+        return total, {"query": grad_q, "passages": p.grad}
 
     def log_extras(self, embeddings, batch) -> None:
         q, p = embeddings["query"], embeddings["passages"]

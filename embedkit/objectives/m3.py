@@ -24,8 +24,11 @@ in-batch matrix. With InfoNCE(s) = −(1/B) Σ_i log softmax_j(s_ij / τ)[i·G]:
 
 Negatives: the official code scores sparse, multi-vector and the ensemble over the local in-batch
 matrix (every query against all B·G passages of the device's batch) and gathers passages across
-devices only for dense (reference §4.2). Here all four use the same local in-batch matrix, so on
-one device this is the official loss; cross-device gathering (for dense) is not implemented.
+devices only for dense (reference §4.2). Here too: with `negatives_cross_device=True` under DDP,
+L_dense is the cross-entropy of this rank's queries against every rank's passages (all-gathered
+with gradient, as InfoNCE's switch), while sparse, multi-vector, s_inter and L' use the local
+(B, B·G) matrices, the dense one being the local block of the gathered scores (FlagEmbedding slices
+it back the same way). On one device, or with the switch off, every term is local.
 The external-teacher "m3_kd_loss" (reranker scores in the data) is not implemented either.
 
 Switches, for ablations:
@@ -100,8 +103,13 @@ def _check_heads(heads: Sequence[str]) -> tuple[str, ...]:
 def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: float,
             ensemble_weights: Mapping[str, float] = DEFAULT_ENSEMBLE_WEIGHTS,
             loss_weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS,
-            self_distill: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            self_distill: bool = True,
+            dense_cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The M3 loss from raw (B, B·G) score matrices of the trained heads (keys from HEADS).
+
+    dense_cross: (raw dense scores against every rank's passages, target columns); when given,
+    L_dense is their cross-entropy instead of the local matrix's (cross-device negatives).
 
     Returns (loss, terms): terms holds every component, e.g. "dense", "inter", "main" (L),
     "distill_dense", "distill" (L').
@@ -113,6 +121,8 @@ def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: fl
     target = torch.arange(first.shape[0], device=first.device) * group_size
     scaled = {h: scores[h] / temperature for h in heads}
     terms = {h: F.cross_entropy(scaled[h], target) for h in heads}
+    if dense_cross is not None and "dense" in terms:
+        terms["dense"] = F.cross_entropy(dense_cross[0] / temperature, dense_cross[1])
     if len(heads) == 1:
         terms["main"] = terms[heads[0]]
         return terms["main"], terms
@@ -140,7 +150,8 @@ class M3(EmbeddingObjective):
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
                  lr: float = 3e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error"):
+                 on_nonfinite_loss: str = "error", grad_cache=None,
+                 negatives_cross_device: bool = False):
         """
         heads: the heads to train (a subset of dense, sparse, multivec).
         self_distill / self_distill_start_step: L' on or off, and from which optimiser step.
@@ -155,7 +166,7 @@ class M3(EmbeddingObjective):
             it holds none (FlagEmbedding's behaviour when the head files are absent).
         """
         super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = float(temperature)
@@ -163,6 +174,7 @@ class M3(EmbeddingObjective):
         self.heads_trained = _check_heads(heads)
         self.self_distill = bool(self_distill)
         self.self_distill_start_step = int(self_distill_start_step)
+        self.negatives_cross_device = bool(negatives_cross_device)
         self.ensemble_weights = {**DEFAULT_ENSEMBLE_WEIGHTS, **dict(ensemble_weights or {})}
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **dict(loss_weights or {})}
         for name, weights in (("ensemble_weights", self.ensemble_weights),
@@ -210,9 +222,11 @@ class M3(EmbeddingObjective):
         *_colbert_mask: token vectors (CLS dropped) and their mask. Only trained heads appear."""
         out = {}
         for side in ("query", "passages"):
-            for key, value in self._encode(batch[side]).items():
-                out[side + key] = value
+            out.update(self.embed_tokens(side, batch[side]))
         return out
+
+    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
+        return {side + key: value for key, value in self._encode(features).items()}
 
     def scores(self, emb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw (B, B·G) score matrices of the trained heads."""
@@ -238,8 +252,21 @@ class M3(EmbeddingObjective):
         first = next(iter(scores.values()))
         if first.shape[1] % first.shape[0]:
             raise ValueError(f"{first.shape[1]} passages do not split into groups for {first.shape[0]} queries")
+        dense_cross = None
+        if self.negatives_cross_device and "dense" in scores:
+            from embedkit.objectives.cross_device import gather_rows
+
+            q, p = embeddings["query"], embeddings["passages"]
+            all_p, rank = gather_rows(p)
+            if all_p is not p:
+                full = dense_scores(q, all_p)
+                group = p.shape[0] // q.shape[0]
+                target = (rank * q.shape[0] + torch.arange(q.shape[0], device=q.device)) * group
+                dense_cross = (full, target)
+                scores["dense"] = full[:, rank * p.shape[0]:(rank + 1) * p.shape[0]]
         loss, terms = m3_loss(scores, first.shape[1] // first.shape[0], self.temperature,
-                              self.ensemble_weights, self.loss_weights, self.distill_active())
+                              self.ensemble_weights, self.loss_weights, self.distill_active(),
+                              dense_cross=dense_cross)
         self._last_scores = {k: v.detach() for k, v in scores.items()}  # for log_extras
         if self._trainer is not None and self.trainer.training:
             for name, value in terms.items():

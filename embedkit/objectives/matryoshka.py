@@ -127,7 +127,7 @@ class Matryoshka(EmbeddingObjective):
                  weights: Sequence[float] | None = None, truncate_keys: Sequence[str] | None = None,
                  train_group_size: int | None = None, lr: float | None = None,
                  weight_decay: float | None = None, warmup_ratio: float | None = None,
-                 on_nonfinite_loss: str = "error", **inner_kwargs):
+                 on_nonfinite_loss: str = "error", grad_cache=None, **inner_kwargs):
         """
         inner: the objective to apply at every width (see `_build_inner`).
         dims: the nested widths, e.g. Conan's [256, 512, 768, 1024, 1536, 1792].
@@ -141,6 +141,9 @@ class Matryoshka(EmbeddingObjective):
         lr, weight_decay, warmup_ratio: the optimiser's; None = the inner objective's.
         on_nonfinite_loss: "error" or "skip" (see EmbeddingObjective); this wrapper's training
             step is the one that runs, so the setting is its own, not the inner objective's.
+        grad_cache: GradCache settings of this wrapper's step (the inner objective's are unused):
+            the chunks are embedded by the inner `embed_tokens`, and the cached gradient is that
+            of the sum over widths, so each chunk is replayed once, not once per width.
         inner_kwargs: any other argument goes to the inner objective, so settings made for a plain
             objective (`objective.temperature=0.05`, scale=paper's values) reach it unchanged.
         """
@@ -151,7 +154,8 @@ class Matryoshka(EmbeddingObjective):
                          lr=inner.lr if lr is None else lr,
                          weight_decay=inner.weight_decay if weight_decay is None else weight_decay,
                          warmup_ratio=inner.warmup_ratio if warmup_ratio is None else warmup_ratio,
-                         betas=inner.betas, eps=inner.eps, on_nonfinite_loss=on_nonfinite_loss)
+                         betas=inner.betas, eps=inner.eps, on_nonfinite_loss=on_nonfinite_loss,
+                         grad_cache=grad_cache)
         self.inner = inner
         dims = [int(d) for d in dims]
         if not dims:
@@ -182,6 +186,9 @@ class Matryoshka(EmbeddingObjective):
 
     def embed(self, batch) -> dict[str, torch.Tensor]:
         return self.inner.embed(batch)
+
+    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
+        return self.inner.embed_tokens(side, features)
 
     def truncated(self, embeddings: dict[str, Any], dim: int) -> dict[str, Any]:
         """The inner `embed()` dict with every (selected) embedding tensor cut to `dim`."""

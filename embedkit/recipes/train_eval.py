@@ -162,7 +162,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
         callbacks += [step_checkpoint(ckpt_dir, every), RngState()]
         extra = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
         resume_from = latest_checkpoint(ckpt_dir)
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **extra)
+    # GradCache runs under manual optimisation: it takes clipping and accumulation from the trainer.
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **extra,
+                          **module.trainer_overrides(cfg.trainer))
 
     log.info("%s: training %s with %s%s", name, cfg.model.name,
              cfg.objective._target_.rsplit(".", 1)[-1],

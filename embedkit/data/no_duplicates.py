@@ -1,0 +1,37 @@
+"""Batches in which no text appears twice: in-batch false negatives removed at the source.
+
+With in-batch negatives, a text that is the positive of two rows of one batch (zh-mini's CMRC rows
+share their passage; several NLI rows share a premise) is scored as a negative of the other row:
+a false negative that the loss pushes away. `pack_without_duplicates` fills each batch from the
+(shuffled) order with the first rows none of whose texts the batch holds yet, deferring the others
+to later batches, as sentence-transformers' `NoDuplicatesBatchSampler` does. Rows are only
+reordered, never dropped, except that an incomplete last batch is returned as such (the caller
+drops it under drop_last). When no two rows share a text the batches are exactly the order's
+consecutive slices.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def pack_without_duplicates(order: np.ndarray, keys: Sequence[frozenset], size: int) -> list[np.ndarray]:
+    """Split `order` into batches of `size` rows whose `keys` (text ids per row) are disjoint."""
+    remaining = dict.fromkeys(int(i) for i in order)
+    batches = []
+    while remaining:
+        batch, seen = [], set()
+        for idx in remaining:
+            k = keys[idx]
+            if seen.isdisjoint(k):
+                batch.append(idx)
+                seen.update(k)
+                if len(batch) == size:
+                    break
+        for idx in batch:
+            del remaining[idx]
+        # A short batch means the rest conflict with it or are too few; they start the next one.
+        batches.append(np.asarray(batch, dtype=np.int64))
+    return batches

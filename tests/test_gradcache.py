@@ -1,0 +1,270 @@
+"""GradCache: the cached step has the plain step's loss and parameter gradients, for every objective
+whose loss is a function of embeddings, and replays dropout exactly; it trains inside Lightning
+with clipping, accumulation, the LR schedule and the grad-norm / non-finite checks intact."""
+
+import pytest
+import torch
+
+from embedkit.models.build import tiny_zh_encoder
+from embedkit.models.vocab import build_char_vocab, save_tokenizer
+from embedkit.objectives.cosent import CoSENT
+from embedkit.objectives.gradcache import GradCache
+from embedkit.objectives.infonce import InfoNCE
+from embedkit.objectives.m3 import M3
+from embedkit.objectives.matryoshka import Matryoshka
+
+QUERIES = ["北京是中国的首都吗", "上海在哪里", "长江有多长", "今天天气怎么样", "熊猫吃什么", "茶叶产自哪里"]
+PASSAGES = ["北京是中华人民共和国的首都", "上海在长江口", "长江全长六千多公里", "今天晴转多云",
+            "大熊猫主要吃竹子", "中国南方多产茶叶", "黄河是中国第二长河", "故宫在北京",
+            "上海是国际大都市", "熊猫生活在四川", "天气预报说明天下雨", "绿茶和红茶都很有名"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return save_tokenizer(build_char_vocab(QUERIES + PASSAGES), tmp_path_factory.mktemp("gctok"))
+
+
+def encoder(tok, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return tiny_zh_encoder(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                           max_length=64, dropout=dropout, pooling="mean")
+
+
+def tokens(tok, texts):
+    t = tok(texts, padding=True, return_tensors="pt")
+    return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+
+def pair_batch(tok, n_queries=6, group=2):
+    return {"query": tokens(tok, QUERIES[:n_queries]),
+            "passages": tokens(tok, PASSAGES[:n_queries * group])}
+
+
+def sts_batch(tok):
+    return {"sentence1": tokens(tok, QUERIES), "sentence2": tokens(tok, PASSAGES[:6]),
+            "labels": torch.tensor([5.0, 4.0, 1.0, 3.0, 0.0, 2.0])}
+
+
+OBJECTIVES = {
+    "infonce": (lambda enc: InfoNCE(enc, temperature=0.05, train_group_size=2), pair_batch),
+    "cosent": (lambda enc: CoSENT(enc), sts_batch),
+    "matryoshka": (lambda enc: Matryoshka(enc, inner=InfoNCE(enc, temperature=0.05), dims=[8, 16, 32]),
+                   pair_batch),
+    "matryoshka_cosent": (lambda enc: Matryoshka(enc, inner=CoSENT(enc), dims=[16, 32]), sts_batch),
+    "m3": (lambda enc: M3(enc, train_group_size=2), pair_batch),
+}
+
+
+def plain_loss_and_grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module.loss_from_embeddings(module.embed(batch), batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def cached_loss_and_grads(module, batch, mini_batch):
+    module.zero_grad(set_to_none=True)
+    gc = GradCache(mini_batch=mini_batch)
+    loss, _, leaves, chunks = gc.loss_and_cache(module, batch)
+    keys = list(leaves)
+    grads = dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)))
+    gc.replay(module, batch, chunks, grads, backward=lambda s: s.backward())
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("mini_batch", [1, 4])
+def test_cached_step_equals_the_plain_step(tok, name, mini_batch):
+    build, make_batch = OBJECTIVES[name]
+    module = build(encoder(tok))
+    batch = make_batch(tok)
+    loss, grads = plain_loss_and_grads(module, batch)
+    cached, cached_grads = cached_loss_and_grads(module, batch, mini_batch)
+    torch.testing.assert_close(cached, loss, rtol=1e-6, atol=1e-6)
+    assert set(cached_grads) == set(grads) and len(grads) > 4
+    for n, g in grads.items():
+        torch.testing.assert_close(cached_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    # The test can fail: dropping one chunk's replay changes the gradient.
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_dropout_is_replayed_exactly(tok):
+    module = InfoNCE(encoder(tok, dropout=0.3), train_group_size=2)
+    module.train()
+    batch = pair_batch(tok)
+    gc = GradCache(mini_batch=4)
+    torch.manual_seed(1)
+    first, chunks = gc.embed_no_grad(module, batch)
+    offsets = {}
+    for side, (a, b), state in chunks:
+        with state.replay():
+            again = module.embed_tokens(side, {k: v[a:b] for k, v in batch[side].items()})
+        assert torch.equal(again[side], first[side][a:b])
+        offsets[side] = b
+    # Two plain passes differ, so the equality above is the replayed RNG, not a dropout-free model.
+    torch.manual_seed(1)
+    p1 = module.embed_tokens("query", batch["query"])["query"]
+    p2 = module.embed_tokens("query", batch["query"])["query"]
+    assert not torch.equal(p1, p2)
+
+
+def test_replay_leaves_the_rng_where_the_first_pass_left_it(tok):
+    module = InfoNCE(encoder(tok, dropout=0.3), train_group_size=2)
+    batch = pair_batch(tok)
+    gc = GradCache(mini_batch=2)
+    torch.manual_seed(3)
+    loss, _, leaves, chunks = gc.loss_and_cache(module, batch)
+    after_first = torch.get_rng_state()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    gc.replay(module, batch, chunks, grads, backward=lambda s: s.backward())
+    assert torch.equal(torch.get_rng_state(), after_first)
+
+
+def test_config_switch():
+    assert GradCache.from_config(None) is None
+    assert GradCache.from_config({"mini_batch": None}) is None
+    assert GradCache.from_config({"mini_batch": 8}).mini_batch == 8
+    with pytest.raises(ValueError, match="mini_batch"):
+        GradCache.from_config({"mini_batch": 0})
+    with pytest.raises(ValueError, match="unknown grad_cache"):
+        GradCache.from_config({"mini_batch": 2, "chunk": 3})
+
+
+def test_trainer_overrides_move_clipping_and_accumulation_into_the_objective(tok):
+    module = InfoNCE(encoder(tok), grad_cache={"mini_batch": 2})
+    assert module.automatic_optimization is False
+    overrides = module.trainer_overrides({"gradient_clip_val": 0.5, "accumulate_grad_batches": 3})
+    assert overrides == {"gradient_clip_val": None, "accumulate_grad_batches": 1}
+    assert module.grad_cache.gradient_clip_val == 0.5 and module.grad_cache.accumulate_grad_batches == 3
+    assert InfoNCE(encoder(tok)).trainer_overrides({"gradient_clip_val": 0.5}) == {}
+
+
+# ---------------------------------------------------------------------- inside Lightning
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def _fit(module, batches, tmp_path, clip, accumulate, precision="32-true", max_steps=-1):
+    import pytorch_lightning as pl
+
+    trainer_cfg = dict(accelerator="cpu", devices=1, max_epochs=1, max_steps=max_steps,
+                       precision=precision, gradient_clip_val=clip, accumulate_grad_batches=accumulate,
+                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=str(tmp_path),
+                       num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = pl.Trainer(**{**trainer_cfg, **module.trainer_overrides(trainer_cfg)})
+    loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def test_lightning_training_matches_the_plain_step(tok, tmp_path):
+    """Four batches, accumulation 2, a clip that bites: weights, optimiser steps and LR after
+    training equal the automatic-optimisation run's; the loss and grad norm are logged."""
+    batches = [pair_batch(tok, n_queries=3 + i % 2, group=2) for i in range(4)]
+    plain = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2)
+    cached = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2,
+                     grad_cache={"mini_batch": 2})
+    t_plain = _fit(plain, batches, tmp_path / "a", clip=0.05, accumulate=2)
+    t_cached = _fit(cached, batches, tmp_path / "b", clip=0.05, accumulate=2)
+    assert t_plain.global_step == t_cached.global_step == 2
+    assert plain.lr_schedulers().get_last_lr() == cached.lr_schedulers().get_last_lr()
+    # Adam divides by sqrt(v): float-rounding differences of near-zero gradients show up as
+    # ~3e-5 in the weights (seen), against steps of lr = 1e-2; a missed chunk, a wrong
+    # accumulation factor or an unclipped step differs by ~1e-2.
+    for (n, p), (_, q) in zip(plain.named_parameters(), cached.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=2e-4, msg=n)
+    moved = max((p - q).abs().max() for p, q in zip(plain.parameters(), InfoNCE(encoder(tok)).parameters()))
+    assert moved > 1e-2   # training did change the weights
+    for key in ("train/loss", "train/grad_norm"):
+        torch.testing.assert_close(t_cached.callback_metrics[key], t_plain.callback_metrics[key],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_lightning_clipping_is_applied(tok, tmp_path):
+    batches = [pair_batch(tok, n_queries=4)]
+    runs = {}
+    for clip in (None, 1e-3):
+        m = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2, warmup_ratio=0.0,
+                    grad_cache={"mini_batch": 3})
+        _fit(m, batches, tmp_path / str(clip), clip=clip, accumulate=1)
+        runs[clip] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    start = torch.cat([p.detach().flatten() for p in InfoNCE(encoder(tok)).parameters()])
+    # Adam normalises step sizes, so compare the directions' effect: clipping changes the update.
+    assert not torch.allclose(runs[None] - start, runs[1e-3] - start)
+
+
+def test_lightning_bf16_mixed_precision_runs(tok, tmp_path):
+    m = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, grad_cache={"mini_batch": 2})
+    trainer = _fit(m, [pair_batch(tok, n_queries=4)] * 2, tmp_path, clip=1.0, accumulate=1,
+                   precision="bf16-mixed")
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_lightning_nonfinite_loss_still_stops_the_run(tok, tmp_path):
+    from embedkit.objectives.base import NonFiniteLossError
+
+    m = InfoNCE(encoder(tok), grad_cache={"mini_batch": 2})
+    with torch.no_grad():
+        m.encoder.backbone.embeddings.word_embeddings.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="global step 0"):
+        _fit(m, [pair_batch(tok, n_queries=4)], tmp_path, clip=1.0, accumulate=1)
+
+
+def test_checkpoint_saves_and_restores(tok, tmp_path):
+    m = InfoNCE(encoder(tok), lr=1e-2, grad_cache={"mini_batch": 2})
+    trainer = _fit(m, [pair_batch(tok, n_queries=4)] * 2, tmp_path, clip=1.0, accumulate=1)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["optimizer_states"]
+    restored = InfoNCE(encoder(tok, seed=5), lr=1e-2, grad_cache={"mini_batch": 2})
+    restored.load_state_dict(ckpt["state_dict"])
+    for p, q in zip(m.parameters(), restored.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
+    """InfoNCE's pass 2 in query blocks (one score block alive) gives the loss and embedding
+    gradients of autograd on the whole score matrix, scaled by the accumulation factor."""
+    module = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2)
+    with torch.no_grad():
+        emb = module.embed(pair_batch(tok))
+    leaves = {k: v.clone().requires_grad_() for k, v in emb.items()}
+    loss = module.loss_from_embeddings(leaves, None)
+    (loss * 0.5).backward()
+    blocked_loss, grads = module.loss_and_grads(emb, None, scale=0.5, rows=rows)
+    torch.testing.assert_close(blocked_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+    for key in ("query", "passages"):
+        torch.testing.assert_close(grads[key], leaves[key].grad, rtol=1e-5, atol=1e-7)
+    module.negatives_cross_device = True
+    assert module.loss_and_grads(emb, None, scale=1.0, rows=rows) is None
+
+
+@pytest.mark.parametrize("build", [lambda enc, x: InfoNCE(enc, train_group_size=2, negatives_cross_device=x),
+                                   lambda enc, x: M3(enc, train_group_size=2, negatives_cross_device=x)])
+def test_cross_device_switch_is_plain_on_one_process(tok, build):
+    """Without a process group the switch changes nothing (tests/test_distributed.py: 2 ranks)."""
+    batch = pair_batch(tok)
+    on, off = build(encoder(tok), True), build(encoder(tok), False)
+    torch.testing.assert_close(on.loss_from_embeddings(on.embed(batch), batch),
+                               off.loss_from_embeddings(off.embed(batch), batch), rtol=0, atol=0)
