@@ -148,6 +148,25 @@ class EmbeddingObjective(pl.LightningModule):
         if self._trainer is not None and self.on_nonfinite_loss == "skip":
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch_size)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the hyper-parameters as plain Python: Hydra hands nested arguments (grad_cache,
+        eval variants, ...) over as OmegaConf nodes, which `torch.load(weights_only=True)` refuses
+        to rebuild, so a resume would fail on its own checkpoint."""
+        from omegaconf import OmegaConf
+
+        def plain(value):
+            if OmegaConf.is_config(value):
+                return OmegaConf.to_container(value, resolve=True)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(plain(v) for v in value)
+            return value
+
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(dict(checkpoint[key]))
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the total 2-norm of the gradients, before clipping (Lightning clips after this hook).
 
