@@ -4,7 +4,7 @@
   the whole batch; the mean of the ranks' losses is that process's loss.
 - GradCache under DDP (the trap of reference §A.8-5): replays go through the DDP reducer and only
   the last chunk synchronises; the ranks' gradients are equal and equal the single-process ones,
-  with and without cross-device negatives, for InfoNCE and M3, and DDP synchronises exactly one
+  with and without cross-device negatives, for InfoNCE, CoSENT, Matryoshka and M3, and DDP synchronises exactly one
   backward per step (syncing every replay gives the same gradient at several times the traffic,
   sentence-transformers #4027).
 """
@@ -18,8 +18,10 @@ from pytorch_lightning.callbacks import Callback
 from test_gradcache import PASSAGES, QUERIES, encoder, tokens
 
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
+from embedkit.objectives.cosent import CoSENT
 from embedkit.objectives.infonce import InfoNCE
 from embedkit.objectives.m3 import M3
+from embedkit.objectives.matryoshka import Matryoshka
 
 pytestmark = pytest.mark.slow   # each case spawns two processes (~10-20 s on 2 shared cores)
 
@@ -32,6 +34,11 @@ def tok(tmp_path_factory):
 
 
 def rank_slice(batch, rank):
+    if "labels" in batch:   # scored pairs (CoSENT): each rank takes its own pairs
+        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        return {"sentence1": {k: v[rows] for k, v in batch["sentence1"].items()},
+                "sentence2": {k: v[rows] for k, v in batch["sentence2"].items()},
+                "labels": batch["labels"][rows]}
     q, p = slice(rank * PER_RANK, (rank + 1) * PER_RANK), slice(rank * PER_RANK * GROUP, (rank + 1) * PER_RANK * GROUP)
     return {"query": {k: v[q] for k, v in batch["query"].items()},
             "passages": {k: v[p] for k, v in batch["passages"].items()}}
@@ -118,6 +125,11 @@ CASES = {
                                                                grad_cache={"mini_batch": mb}), True, 2),
     "infonce_gradcache": (lambda enc, mb: InfoNCE(enc, temperature=0.05, train_group_size=GROUP,
                                                   grad_cache={"mini_batch": mb}), False, 1),
+    "cosent_gradcache": (lambda enc, mb: CoSENT(enc, grad_cache={"mini_batch": mb}), False, 2),
+    "matryoshka_gradcache": (lambda enc, mb: Matryoshka(enc, inner=InfoNCE(enc, temperature=0.05,
+                                                                           train_group_size=GROUP),
+                                                        dims=[8, 16, 32], grad_cache={"mini_batch": mb}),
+                             False, 2),
     "m3_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, grad_cache={"mini_batch": mb}),
                      False, 2),
     "m3_cross_device_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, negatives_cross_device=True,
@@ -154,7 +166,11 @@ def test_two_ranks_equal_one_process(tok, tmp_path, monkeypatch, case):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     build, cross_device, mini_batch = CASES[case]
     n = WORLD * PER_RANK
-    batch = {"query": tokens(tok, QUERIES[:n]), "passages": tokens(tok, PASSAGES[:n * GROUP])}
+    if case.startswith("cosent"):
+        batch = {"sentence1": tokens(tok, QUERIES[:n]), "sentence2": tokens(tok, PASSAGES[:n]),
+                 "labels": torch.tensor([5.0, 4.0, 1.0, 3.0, 0.0, 2.0])}
+    else:
+        batch = {"query": tokens(tok, QUERIES[:n]), "passages": tokens(tok, PASSAGES[:n * GROUP])}
 
     reference = build(encoder(tok), None)
     reference.negatives_cross_device = False   # one process: the full batch is the whole pool
