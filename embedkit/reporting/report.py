@@ -359,10 +359,11 @@ def experiment_section(exp: Experiment, paper_dir: Path, runs_root: Path, wandb_
         run = load_run(folders[-1], exp.name)
         parts += ["", "### Mini setup", "", *setup_lines(run), "", "### Mini results", "",
                   to_markdown([{"label": k, **v} for k, v in run.rows.items()], "row")]
-        if paper_rows:
-            parts += ["", f"### Paper (`{exp.paper_table}`)", "", to_markdown(paper_rows, first)]
-        else:
-            parts += ["", f"Paper numbers: not available here: {exp.paper_table_note}."]
+    if paper_rows:
+        parts += ["", f"### Paper (`{exp.paper_table}`)", "", to_markdown(paper_rows, first)]
+    else:
+        parts += ["", f"Paper numbers: not available here: {exp.paper_table_note}."]
+    if folders:
         parts += ["", "### Findings", "", findings_table(exp.findings(run, paper_rows))]
     for png in exp.figures:
         if (paper_dir / png).is_file():
