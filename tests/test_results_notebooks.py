@@ -69,7 +69,9 @@ def _execute(notebook: Path, tmp_path: Path, run_dir: Path, out_dir: Path) -> st
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (test venv)", "language": "python"}))
+        "display_name": "Python 3 (test venv)", "language": "python",
+        # the checkout under test, whichever checkout the venv's editable install points at
+        "env": {"PYTHONPATH": str(REPO)}}))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     workdir = tmp_path / "cwd"   # outside the repo: the notebook finds the root by itself
     workdir.mkdir()
