@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # CI and the mini scale never want CUDA wheels (several GB); set ALLOW_CUDA=1 on a GPU machine.
 ALLOW_CUDA ?= 0
 
-.PHONY: install run smoke sweep test bench clean
+.PHONY: install run smoke sweep test bench reproduce report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,26 @@ sweep: install
 
 test: install
 	$(PY) -m pytest
+
+# Every mini ablation (not the paper-scale GradCache one), then experiments/*/RESULTS.md. About
+# 45 min on 2 cores (5+11+10+2+15). Resumable: each experiment runs in a fixed folder,
+# logs/reproduce/<experiment>/, so a re-run skips experiments whose table.json exists and, inside an
+# interrupted one, keeps finished rows and stages and continues the interrupted stage from its
+# checkpoint (README "When things go wrong"). CSV logs: the notebooks read the loss curves from them.
+REPRODUCE      ?= bge_ablation_batchsize bge_ablation_recipe m3_ablation_selfdistill mrl_dims conan_ablation
+REPRODUCE_ARGS ?= logger=csv
+reproduce: install
+	@for exp in $(REPRODUCE); do \
+	  dir=logs/reproduce/$$exp; \
+	  if [ -f $$dir/table.json ] && ! grep -q '"error"' $$dir/table.json; then echo "$$exp: done in $$dir, kept"; continue; fi; \
+	  echo "$$exp: running in $$dir"; \
+	  $(PY) run.py +experiment=$$exp hydra.run.dir=$$dir $(REPRODUCE_ARGS) || exit $$?; \
+	done
+	$(MAKE) report
+
+# experiments/*/RESULTS.md from the newest finished runs under logs/.
+report: install
+	$(PY) -m embedkit.reporting.report --runs logs --out experiments
 
 # Speed and memory targets (never timed tests): writes benchmarks/RESULTS.md (~20 min on 2 cores).
 bench: install

@@ -23,6 +23,14 @@ def register_resolvers() -> None:
             return resolve(str(base), str(fresh), resume)
 
         OmegaConf.register_new_resolver("embedkit_run_dir", run_dir)
+    # `${embedkit_git_commit:}`: the checkout's commit ("unknown" outside git), for W&B tags.
+    if not OmegaConf.has_resolver("embedkit_git_commit"):
+        def commit():
+            from embedkit.provenance import git_commit
+
+            return git_commit(REPO_ROOT)
+
+        OmegaConf.register_new_resolver("embedkit_git_commit", commit, use_cache=True)
 
 
 register_resolvers()

@@ -1,0 +1,150 @@
+"""The RESULTS.md generator (embedkit/reporting/report.py) on run folders written in the recipe's
+format: verdicts follow the numbers, the newest run wins, the setup comes from the run's files."""
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from embedkit.reporting import report
+from embedkit.reporting.tables import COLUMNS, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _scores(**kw):
+    base = {c: 30.0 for c in COLUMNS}
+    base.update(kw)
+    return base
+
+
+def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",), stages=None,
+              config=None, paper_rows=None, single=False):
+    """A finished run folder as embedkit/recipes/train_eval.py leaves it (table.*, rows/*/results.json,
+    .hydra/config.yaml and overrides.yaml)."""
+    from embedkit.recipes.train_eval import safe_label
+
+    table = [{"label": label, **scores} for label, scores in rows.items()]
+    for label, scores in rows.items():
+        base = label.split(" ")[0] if stages is None else label
+        # one-row runs (mrl_dims: one model, a variant per width) keep results.json at the root
+        row_dir = folder if single else folder / "rows" / safe_label(base)
+        row_dir.mkdir(parents=True, exist_ok=True)
+        if not (row_dir / "results.json").exists():
+            (row_dir / "results.json").write_text(json.dumps({
+                "label": base, "categories": {c: scores[c] for c in COLUMNS[:-1]}, "Avg": scores["Avg"],
+                "scale": "mini", "steps": 70, "stage_steps": stages or {"train": 70}, "train_seconds": 12.5,
+                "paper_row": (paper_rows or {}).get(label)}))
+    write_table(table, folder, first="row")
+    (folder / ".hydra").mkdir(exist_ok=True)
+    cfg = {"scale": {"name": "mini"},
+           "model": {"name": "tiny_zh", "encoder": {"hidden_size": 128, "num_layers": 2, "pooling": "mean"}},
+           "trainer": {"max_steps": -1}, "eval": {"_target_": "embedkit.eval.suite.MiniCMTEB", "max_rows": None},
+           "data": {"sources": [{"_target_": "embedkit.data.sources.people_daily_pairs"}],
+                    "batch_size": 32, "max_examples": None}}
+    cfg.update(config or {})
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    return folder
+
+
+def _paper(name):
+    with open(REPO / "experiments" / "bge" / name, newline="", encoding="utf-8") as f:
+        return {r[next(iter(r))]: {c: float(r[c]) for c in COLUMNS} for r in csv.DictReader(f)}
+
+
+def test_batch_size_verdicts_follow_the_numbers(tmp_path):
+    run = write_run(tmp_path / "logs" / "reproduce" / "bge_ablation_batchsize", {
+        "32": _scores(Retrieval=20.0, PairCLF=50.0, CLF=10.0, Avg=35.0),
+        "128": _scores(Retrieval=21.0, PairCLF=51.0, CLF=10.0, Avg=35.5),
+        "512": _scores(Retrieval=22.5, PairCLF=52.0, CLF=10.0, Avg=35.2),
+    }, paper_rows={"32": "256", "128": "2,048", "512": "19,200"})
+    paper = _paper("cpack_table4.csv")
+    found = {f.claim.split(":")[0]: f for f in report.batchsize_findings(
+        report.load_run(run, "bge_ablation_batchsize"), report.read_paper_table(
+            REPO / "experiments" / "bge" / "cpack_table4.csv")[1])}
+    # independent: the paper's largest minus smallest batch, from the CSV
+    assert abs(found["Retrieval"].paper - (paper["19,200"]["Retrieval"] - paper["256"]["Retrieval"])) < 1e-9
+    assert found["Retrieval"].ours == 2.5 and found["Retrieval"].verdict == "yes"      # up, paper up (+6.65)
+    assert found["PairCLF"].verdict == "no"                                            # up, paper down (-0.35)
+    assert found["CLF"].verdict == "no (no change)"                                    # 10.0 → 10.0
+    assert abs(found["Avg"].ours - 0.2) < 1e-9 and found["Avg"].verdict == "yes"       # smallest → largest batch
+
+
+def test_recipe_findings_compare_row_differences(tmp_path):
+    rows = {"BGE-pretrain": _scores(Avg=36.0), "BGE w.o. pre-train": _scores(Avg=37.0),
+            "BGE w.o. Instruct": _scores(Avg=38.0), "BGE-finetune": _scores(Avg=38.5)}
+    run = write_run(tmp_path / "run", rows, stages={"general": 69})
+    paper = report.read_paper_table(REPO / "experiments" / "bge" / "cpack_table3.csv")[1]
+    findings = report.recipe_findings(report.load_run(run, "bge_ablation_recipe"), paper)
+    assert [(round(f.paper, 2), f.ours, f.verdict) for f in findings] == [
+        (0.38, -1.0, "no"),   # pre-training: paper 59.00 - 58.62
+        (4.40, 2.0, "yes"),   # task fine-tuning: paper 63.40 - 59.00
+        (0.56, 0.5, "yes"),   # instruction: paper 63.96 - 63.40
+    ]
+
+
+def test_m3_conan_and_mrl_findings_use_the_stated_direction(tmp_path):
+    m3 = {}
+    for prefix, bump in (("self-distill", 1.0), ("no self-distill", 0.0)):
+        for mode, extra in (("", 0.0), ("sparse", 3.0), ("multivec", -0.5), ("dense+sparse", 0.2), ("all", 0.1)):
+            m3[f"{prefix} {mode}".strip()] = _scores(Retrieval=20.0 + bump + (extra if bump else 0.0))
+    found = report.m3_findings(report.load_run(write_run(tmp_path / "m3", m3), "m3"), [])
+    assert [f.verdict for f in found] == ["yes", "yes", "yes", "yes", "yes", "yes"]   # multivec +0.5, sparse +4 most
+    assert found[-1].ours == pytest.approx(4.0 - 1.2) and all(f.paper == "up" for f in found)
+
+    conan = {"Baseline": _scores(), "Vanilla": _scores(Avg=30.0, Retrieval=20.0, Rerank=50.0),
+             "+DHNM": _scores(Avg=30.0), "+CBB": _scores(Avg=31.0),
+             "Conan dim=128": _scores(Retrieval=19.0, Rerank=51.0)}
+    found = report.conan_findings(report.load_run(write_run(tmp_path / "conan", conan, stages={"general": 5}),
+                                                  "conan_ablation"), [])
+    assert [f.verdict for f in found] == ["no (no change)", "yes", "no", "yes"]
+
+    mrl = {f"dim={d}": _scores(Avg=a, Retrieval=r) for d, a, r in ((32, 30.0, 10.0), (64, 31.0, 9.0), (128, 30.5, 11.0))}
+    run = write_run(tmp_path / "mrl", mrl, single=True)
+    found = report.mrl_findings(report.load_run(run, "mrl_dims"), [])
+    assert [(f.ours, f.verdict) for f in found] == [(0.5, "yes"), (1.0, "yes"), (-0.5, "no")]
+
+
+def test_results_md_uses_the_newest_run_states_the_setup_and_embeds_pngs(tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "experiments"
+    (out / "bge").mkdir(parents=True)
+    for name in ("cpack_table2.csv", "cpack_table3.csv", "cpack_table4.csv"):
+        (out / "bge" / name).write_text((REPO / "experiments" / "bge" / name).read_text())
+    (out / "bge" / "batch_size_vs_score.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (out / "bge" / "extra_plot.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    rows = {"32": _scores(Avg=35.0), "128": _scores(Avg=36.0), "512": _scores(Avg=37.0)}
+    old = write_run(logs / "bge_ablation_batchsize" / "runs" / "2026-01-01_00-00-00",
+                    {k: _scores(Avg=11.0) for k in rows})
+    past = time.time() - 3600
+    os.utime(old / "table.json", (past, past))
+    write_run(logs / "reproduce" / "bge_ablation_batchsize", rows,
+              overrides=["+experiment=bge_ablation_batchsize", "logger=csv"])
+    # an unfinished run (no table.json) is never picked, however new
+    (logs / "bge_ablation_batchsize" / "runs" / "2026-12-31_00-00-00" / "rows").mkdir(parents=True)
+
+    (path,) = report.main(["--runs", str(logs), "--out", str(out), "--papers", "bge"])
+    text = path.read_text()
+    assert "logs/reproduce/bge_ablation_batchsize" in text and "| 37.00 |" in text and "11.00" not in text
+    assert "2-layer, 128-wide BERT (tiny_zh), mean pooling" in text
+    assert "people_daily_pairs, batch 32" in text and "train 70 (12 s training)" in text
+    assert "smoke-sized" not in text
+    assert "![C-Pack Table 4: batch size: batch_size_vs_score.png](batch_size_vs_score.png)" in text
+    assert "![extra_plot.png](extra_plot.png)" in text
+    assert "| 19,200 | 63.90 |" in text                     # the paper's table beside ours
+    assert "cpack_table2.csv" in text
+    # no recipe run: the section says so instead of inventing rows
+    assert "No finished run under" in text and "make reproduce" in text
+    assert "![C-Pack Table 3" not in text                   # no recipe PNG present, none embedded
+
+
+def test_a_smoke_run_is_flagged(tmp_path):
+    write_run(tmp_path / "logs" / "reproduce" / "mrl_dims", {"dim=32": _scores(), "dim=64": _scores()},
+                    overrides=["+experiment=mrl_dims", "debug=smoke"], single=True)
+    text = report.render("conan", tmp_path / "logs", tmp_path / "experiments")
+    assert "debug=smoke" in text and "smoke-sized" in text
+    assert "Paper numbers: not available here" in text

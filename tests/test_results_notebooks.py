@@ -1,0 +1,117 @@
+"""The results notebooks run headless (nbclient) on real smoke-sized runs and write their PNGs; the
+RESULTS.md generator then reads the same runs and embeds those PNGs.
+
+The smoke runs (`debug=smoke logger=csv`, ~20 s each) are made once per module into tmp_path, in
+the folders `make reproduce` uses (logs/reproduce/<experiment>/). The kernel is this interpreter,
+as in tests/test_notebooks.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+# notebook -> (experiment, extra overrides, paper folder, PNGs it writes)
+CASES = {
+    "bge_recipe": ("bge_ablation_recipe", [], "bge", ["recipe_ablation.png"]),
+    "mrl_dims": ("mrl_dims", [], "conan", ["mrl_dims.png"]),
+    # the smoke model is 32 wide: MRL at 16 and 32 (as tests/test_conan_smoke.py)
+    "conan_ablation": ("conan_ablation", ["stages.conan.objective.mrl_dims=[16,32]",
+                                          "stages.conan.objective.eval_dims=[32]"],
+                       "conan", ["dhnm_scores.png", "cbb_vs_sequential_loss.png"]),
+    "m3_selfdistill": ("m3_ablation_selfdistill", [], "m3", ["m3_modes.png"]),
+}
+
+
+def test_every_results_notebook_is_tested():
+    assert {p.stem for p in NOTEBOOKS} == set(CASES) | {"bge_batch_size"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_are_committed_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"clear the outputs of {path.name}"
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "RUN_DIR = None" in params[0].source
+
+
+@pytest.fixture(scope="module")
+def smoke_logs(tmp_path_factory):
+    """logs/reproduce/<experiment>/ for every experiment the notebooks read, from real smoke runs."""
+    root = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(root / "cache"), WANDB_MODE="offline")
+    env.pop("WANDB_API_KEY", None)
+    for experiment, extra, _, _ in CASES.values():
+        args = [f"+experiment={experiment}", "debug=smoke", "logger=csv", *extra,
+                f"hydra.run.dir={root}/logs/reproduce/{experiment}"]
+        proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root / "logs"
+
+
+def _execute(notebook: Path, tmp_path: Path, run_dir: Path, out_dir: Path) -> str:
+    nb = nbformat.read(notebook, as_version=4)
+    (params,) = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    params.source = f"RUN_DIR = {str(run_dir)!r}\nOUT_DIR = {str(out_dir)!r}\n"
+    spec_dir = tmp_path / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test venv)", "language": "python",
+        # the checkout under test, whichever checkout the venv's editable install points at
+        "env": {"PYTHONPATH": str(REPO)}}))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+    workdir = tmp_path / "cwd"   # outside the repo: the notebook finds the root by itself
+    workdir.mkdir()
+    NotebookClient(nb, km=KernelManager(kernel_name="python3", kernel_spec_manager=ksm),
+                   kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(workdir)}}).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_notebook_writes_pngs_from_a_smoke_run(name, smoke_logs, tmp_path):
+    experiment, _, paper, pngs = CASES[name]
+    out_dir = tmp_path / "experiments" / paper
+    printed = _execute(REPO / "notebooks" / f"{name}.ipynb", tmp_path,
+                       smoke_logs / "reproduce" / experiment, out_dir)
+    for png in pngs:
+        data = (out_dir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{png}: {len(data)} bytes"
+        assert f"wrote {out_dir / png}" in printed
+    if name == "conan_ablation":
+        # sequential Vanilla trains one task per step: its per-task curves have fewer points than CBB's
+        assert "CBB (+CBB): train/loss_retrieval 3 points, train/loss_sts 3 points" in printed
+        assert "+DHNM:" in printed and "Conan:" in printed
+    if name == "m3_selfdistill":
+        assert all(mode in printed for mode in ("sparse", "multivec", "dense+sparse"))
+
+    # the generator embeds the PNG found beside RESULTS.md, and reports the smoke run as such
+    from embedkit.reporting import report
+
+    shutil_copy_tables(out_dir.parent)
+    (path,) = report.main(["--runs", str(smoke_logs), "--out", str(out_dir.parent), "--papers", paper])
+    text = path.read_text()
+    assert all(f"]({png})" in text for png in pngs)
+    assert f"logs/reproduce/{experiment}" in text and "smoke-sized" in text
+    assert "1-layer, 32-wide BERT" in text and "same direction" in text
+
+
+def shutil_copy_tables(out_root: Path):
+    for csv_file in (REPO / "experiments").glob("*/*.csv"):
+        target = out_root / csv_file.parent.name / csv_file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(csv_file.read_text())
