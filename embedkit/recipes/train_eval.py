@@ -254,8 +254,10 @@ def run(cfg: DictConfig) -> float | None:
         else:
             results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
         for variant, res in results.items():
-            label = row["label"] if not variant else (variant if row["label"] == "run" and len(rows) == 1
-                                                      else f"{row['label']} {variant}")
+            # A plain run's label is its override string ("logger=csv ..."): its variants
+            # (Matryoshka widths) read better alone. Ablation rows keep "<row> <variant>".
+            plain = len(rows) == 1 and row.get("paper_row") is None and not row.get("stages")
+            label = row["label"] if not variant else (variant if plain else f"{row['label']} {variant}")
             table_rows.append(row_from_results(label, res))
             last = res.get("Avg")
 
