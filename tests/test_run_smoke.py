@@ -3,8 +3,8 @@
 import csv
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
