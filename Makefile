@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # CI and the mini scale never want CUDA wheels (several GB); set ALLOW_CUDA=1 on a GPU machine.
 ALLOW_CUDA ?= 0
 
-.PHONY: install run smoke sweep test bench reproduce report clean
+.PHONY: install run smoke sweep test bench reproduce plots report clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +47,12 @@ reproduce: install
 	  echo "$$exp: running in $$dir"; \
 	  $(PY) run.py +experiment=$$exp hydra.run.dir=$$dir $(REPRODUCE_ARGS) || exit $$?; \
 	done
-	$(MAKE) report
+	$(MAKE) plots report
 
 # experiments/*/RESULTS.md from the newest finished runs under logs/.
+plots: install
+	$(PY) -m embedkit.reporting.plots --runs logs/reproduce --out experiments
+
 report: install
 	$(PY) -m embedkit.reporting.report --runs logs --out experiments
 
