@@ -108,3 +108,24 @@ def test_mrl_wraps_every_task_and_evaluates_the_chosen_widths(tokenizer):
     assert list(module.eval_targets()) == ["dim=32"]
     batch = _first_batch(tokenizer)
     assert np.isfinite(float(module.loss_from_embeddings(module.embed(batch), batch)))
+
+
+def test_sequential_curves_hold_a_task_loss_only_on_the_steps_that_trained_it(tokenizer, tmp_path):
+    # Lightning re-emits an on-step metric's last value on steps that did not log it; the untrained
+    # task must read NaN there, or the per-task curves (Conan Figure 5) show stale points.
+    import csv
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    module = _module(tokenizer)
+    trainer = pl.Trainer(max_steps=8, log_every_n_steps=1, logger=CSVLogger(str(tmp_path)),
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=_data(tokenizer, "sequential"))
+    (metrics,) = tmp_path.glob("lightning_logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(open(metrics)) if r.get("train/tasks_in_step")]
+    assert len(rows) == 8
+    for r in rows:
+        finite = [k for k in ("train/loss_retrieval", "train/loss_sts") if np.isfinite(float(r[k]))]
+        assert len(finite) == 1 and float(r["train/loss"]) == float(r[finite[0]])

@@ -110,10 +110,14 @@ class MultiTask(EmbeddingObjective):
         return self.tasks[name].batch_size_of(batch[name])
 
     def log_extras(self, embeddings, batch) -> None:
-        # One curve per task (Conan Figure 5); under sequential training a task logs on its steps.
-        for name, loss in self._task_losses.items():
-            self.log(f"train/loss_{name}", loss, on_step=True, on_epoch=False,
-                     batch_size=self.tasks[name].batch_size_of(batch[name]))
+        # One curve per task (Conan Figure 5). Under sequential training a step trains one task;
+        # the others log NaN ("no value at this step"), because Lightning would otherwise write
+        # their last value again on every step and the curves would show stale points.
+        for name in self.tasks:
+            loss = self._task_losses.get(name)
+            size = self.tasks[name].batch_size_of(batch[name]) if name in batch else 1
+            self.log(f"train/loss_{name}", loss if loss is not None else float("nan"),
+                     on_step=True, on_epoch=False, batch_size=size)
         self.log("train/tasks_in_step", float(len(self._task_losses)), on_step=True, on_epoch=False)
 
     def eval_targets(self) -> dict[str, dict]:
