@@ -154,3 +154,37 @@ def test_lightning_finds_set_epoch_on_the_batch_sampler(tokenizer):
     loader = _module(tokenizer).train_dataloader()
     _set_sampler_epoch(loader, 3)
     assert loader.batch_sampler.epoch == 3
+
+
+def _tokenize_into(tokenizer_dir, cache_dir, texts, barrier, results):
+    from embedkit.data.contrastive import tokenize_table
+    from embedkit.models.vocab import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    barrier.wait()   # every writer at the cache at once, as the jobs of a joblib sweep are
+    try:
+        results.put(tokenize_table(texts, tok, 16, cache_dir).ids.tolist())
+    except Exception as err:   # noqa: BLE001 - reported to the test
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_parallel_writers_share_the_token_cache_safely(tokenizer, tmp_path):
+    # Two sweep jobs tokenising the same data wrote the same temp file, and one's rename failed.
+    import multiprocessing as mp
+
+    texts = [r["query"] for r in ROWS] * 200
+    ctx = mp.get_context("fork")
+    for attempt in range(3):
+        cache = tmp_path / str(attempt)
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_tokenize_into, args=(tokenizer.name_or_path, str(cache), texts,
+                                                          barrier, results)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        out = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        assert all(isinstance(o, list) for o in out), [o for o in out if not isinstance(o, list)]
+        assert all(o == out[0] for o in out)
+        left = sorted(p.name for p in (cache / "tokens").iterdir())
+        assert len(left) == 1 and ".tmp" not in left[0], left

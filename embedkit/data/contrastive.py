@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -71,7 +73,9 @@ def tokenize_table(texts: Sequence[str], tokenizer, max_length: int,
     table = TokenTable(ids, offsets)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        # A name of its own per writer: parallel jobs of a sweep (joblib) tokenise the same data
+        # into the same cache, and a shared temp name made one's rename fail on the other's.
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
         np.savez(tmp, ids=table.ids, offsets=table.offsets)
         tmp.replace(path)  # atomic: a killed run never leaves half a cache file behind
     return table

@@ -67,6 +67,7 @@ import os
 import random
 import re
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -337,7 +338,7 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> int:
     """Write rows as UTF-8 jsonl (Chinese kept readable); returns the row count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # one per writer
     n = 0
     with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         for row in rows:

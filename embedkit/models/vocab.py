@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import re
 import string
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -222,8 +223,12 @@ def save_tokenizer(
         model_max_length=model_max_length,
     )
     tok.save_pretrained(str(out))
-    with open(out / "vocab.txt", "w", encoding="utf-8", newline="\n") as fh:
+    # vocab.txt is written last and atomically: a parallel job that finds it in a shared cache
+    # (embedkit.models.build.char_level_tokenizer) reads a whole file, never a half-written one.
+    tmp = out / f"vocab.txt.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("\n".join(vocab) + "\n")
+    os.replace(tmp, out / "vocab.txt")
     return load_tokenizer(out)
 
 
