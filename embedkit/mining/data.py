@@ -45,7 +45,7 @@ def mine_rows(rows: list[dict], range_for_sampling="10-210", negative_number: in
     mined, report = miner(rows, encoder)
     log.info("mined the training data: %s", report)
     if path is not None:
-        from embedkit.mining.pipeline import write_jsonl
+        from embedkit.data.weak_pairs import write_jsonl
 
         write_jsonl(mined, path)
     return mined

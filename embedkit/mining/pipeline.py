@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from embedkit.data.weak_pairs import write_jsonl
+
 log = logging.getLogger(__name__)
 
 
@@ -53,15 +55,6 @@ def read_pool(path: str | None) -> list[str] | None:
                 raise ValueError(f"{path}:{line_no}: candidate pool rows must be {{\"text\": str}} "
                                  f"({type(e).__name__}: {e})") from None
     return texts
-
-
-def write_jsonl(rows, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def run(cfg: DictConfig) -> dict:
