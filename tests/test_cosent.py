@@ -19,14 +19,7 @@ DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zh-mini"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
-    # waiting for a busy core make every step ~50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _vectors(*shape, seed=0):

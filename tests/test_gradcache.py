@@ -19,12 +19,7 @@ PASSAGES = ["北京是中华人民共和国的首都", "上海在长江口", "�
             "上海是国际大都市", "熊猫生活在四川", "天气预报说明天下雨", "绿茶和红茶都很有名"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

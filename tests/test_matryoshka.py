@@ -20,13 +20,7 @@ TEXTS = ["今天天气很好", "我们去公园散步吧", "人民日报一九�
          "北京是中国的首都", "上海在长江口"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread; on a shared 2-core machine it costs a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ the folders `make reproduce` uses (logs/reproduce/<experiment>/). The kernel is 
 as in tests/test_notebooks.py.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
+
+from embedkit.reporting.plots import execute_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -61,33 +59,13 @@ def smoke_logs(tmp_path_factory):
     return root / "logs"
 
 
-def _execute(notebook: Path, tmp_path: Path, run_dir: Path, out_dir: Path) -> str:
-    nb = nbformat.read(notebook, as_version=4)
-    (params,) = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    params.source = f"RUN_DIR = {str(run_dir)!r}\nOUT_DIR = {str(out_dir)!r}\n"
-    spec_dir = tmp_path / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (test venv)", "language": "python",
-        # the checkout under test, whichever checkout the venv's editable install points at
-        "env": {"PYTHONPATH": str(REPO)}}))
-    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
-    workdir = tmp_path / "cwd"   # outside the repo: the notebook finds the root by itself
-    workdir.mkdir()
-    NotebookClient(nb, km=KernelManager(kernel_name="python3", kernel_spec_manager=ksm),
-                   kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": str(workdir)}}).execute()
-    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_notebook_writes_pngs_from_a_smoke_run(name, smoke_logs, tmp_path):
     experiment, _, paper, pngs = CASES[name]
     out_dir = tmp_path / "experiments" / paper
-    printed = _execute(REPO / "notebooks" / f"{name}.ipynb", tmp_path,
-                       smoke_logs / "reproduce" / experiment, out_dir)
+    printed = execute_notebook(REPO / "notebooks" / f"{name}.ipynb", smoke_logs / "reproduce" / experiment,
+                               out_dir, timeout=120)
     for png in pngs:
         data = (out_dir / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{png}: {len(data)} bytes"

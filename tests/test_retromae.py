@@ -20,14 +20,7 @@ WORDPIECE_TEXTS = ["the cat unbelievable playing runs running dog a big bigger r
                    "a big dog playing running the cat bigger reads"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small ops on this 2-core VM: with 2 OpenMP threads that spin-wait, the same 30 training steps
-    # took anywhere from 3 s to 50 s; with one thread (or OMP_WAIT_POLICY=PASSIVE) a steady ~3 s.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
