@@ -253,10 +253,10 @@ def run(cfg: DictConfig) -> float | None:
             log.info("%s: done in an earlier run (%s), kept", row["label"], row_dir / "results.json")
         else:
             results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
+        # A plain run's label is its override string ("logger=csv ..."): its variants
+        # (Matryoshka widths) read better alone. Ablation rows keep "<row> <variant>".
+        plain = len(rows) == 1 and row.get("paper_row") is None and not row.get("stages")
         for variant, res in results.items():
-            # A plain run's label is its override string ("logger=csv ..."): its variants
-            # (Matryoshka widths) read better alone. Ablation rows keep "<row> <variant>".
-            plain = len(rows) == 1 and row.get("paper_row") is None and not row.get("stages")
             label = row["label"] if not variant else (variant if plain else f"{row['label']} {variant}")
             table_rows.append(row_from_results(label, res))
             last = res.get("Avg")
@@ -300,8 +300,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         init = str(stage_dir / "model")
         if not final:
             finish_logger(logger)
-            if not (cfg.get("checkpoint") or {}).get("keep", False):
-                _drop_checkpoints(stage_dir)   # model/.done now stands for the stage
+            _drop_checkpoints(cfg, stage_dir)   # model/.done now stands for the stage
 
     all_results: dict[str, dict] = {}
     instruction = stage_cfg.eval.get("query_instruction") if "eval" in stage_cfg else None
@@ -334,17 +333,17 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
                                for k, v in all_results.items()}
         write_json(row_dir / "results.json", summary)
     finish_logger(logger)
-    if not (cfg.get("checkpoint") or {}).get("keep", False):
-        _drop_checkpoints(row_dir)   # the row is done: results.json and model/ are what it keeps
+    _drop_checkpoints(cfg, row_dir)   # the row is done: results.json and model/ are what it keeps
     return all_results
 
 
-def _drop_checkpoints(stage_dir: Path) -> None:
+def _drop_checkpoints(cfg: DictConfig, stage_dir: Path) -> None:
+    """Delete a finished stage's Lightning checkpoints, unless `checkpoint.keep=true`."""
     import shutil
 
     from embedkit.checkpointing import CKPT_DIR
 
-    if (stage_dir / CKPT_DIR).is_dir():
+    if not (cfg.get("checkpoint") or {}).get("keep", False) and (stage_dir / CKPT_DIR).is_dir():
         shutil.rmtree(stage_dir / CKPT_DIR)
 
 

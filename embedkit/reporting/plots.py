@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         if not (run_dir / "table.csv").is_file():
             missing.append(str(run_dir))
             continue
-        before = set((out / paper).glob("*.png"))
         printed = execute_notebook(REPO_ROOT / "notebooks" / f"{name}.ipynb", run_dir.resolve(),
                                    (out / paper).resolve())
-        new = sorted(p for p in (out / paper).glob("*.png") if f"wrote {p.resolve()}" in printed
-                     or p not in before)
+        # Every notebook prints `wrote <png>` for each file it saves.
+        new = sorted(p for p in (out / paper).glob("*.png") if f"wrote {p.resolve()}" in printed)
         written += new
         print(f"{name}: {', '.join(str(p) for p in new) or 'no PNG written'}")
     if missing:
