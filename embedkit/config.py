@@ -23,6 +23,35 @@ def register_resolvers() -> None:
             return resolve(str(base), str(fresh), resume)
 
         OmegaConf.register_new_resolver("embedkit_run_dir", run_dir)
+    # `${embedkit_job_subdir:${hydra.sweep.dir},${hydra.job.num},${hydra.overrides.task}}`: a sweep
+    # job's folder, found by its overrides (a resumed sweep's jobs land where they ran before).
+    if not OmegaConf.has_resolver("embedkit_job_subdir"):
+        def job_subdir(sweep_dir, num, overrides):
+            from embedkit.recipes.recovery import job_subdir as resolve
+
+            return resolve(str(sweep_dir), num, list(overrides))
+
+        OmegaConf.register_new_resolver("embedkit_job_subdir", job_subdir)
+    # `${embedkit_hydra_subdir:${hydra.runtime.output_dir}}`: `.hydra`, or `.hydra/resumed/<time>`
+    # when resuming, so the configs of the run that made the results are kept.
+    if not OmegaConf.has_resolver("embedkit_hydra_subdir"):
+        def hydra_subdir(output_dir):
+            from embedkit.recipes.recovery import hydra_subdir as resolve
+
+            return resolve(str(output_dir))
+
+        OmegaConf.register_new_resolver("embedkit_hydra_subdir", hydra_subdir)
+    # `${embedkit_widths:${model.encoder.hidden_size},[8,4,2,1]}` -> [16, 32, 64, 128] for a 128-wide
+    # model: Matryoshka widths that follow the model's width (debug=smoke's 32-wide model too).
+    if not OmegaConf.has_resolver("embedkit_widths"):
+        def widths(width, divisors):
+            width = int(width)
+            bad = [d for d in divisors if int(d) < 1 or width % int(d)]
+            if bad:
+                raise ValueError(f"embedkit_widths: {width} is not divisible by {bad}")
+            return [width // int(d) for d in divisors]
+
+        OmegaConf.register_new_resolver("embedkit_widths", widths)
     # `${embedkit_git_commit:}`: the checkout's commit ("unknown" outside git), for W&B tags.
     if not OmegaConf.has_resolver("embedkit_git_commit"):
         def commit():

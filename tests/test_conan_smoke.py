@@ -17,10 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_conan_ablation_smoke(tmp_path):
     env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
     env.pop("WANDB_API_KEY", None)
-    # the smoke model is 32 wide: MRL at 16 and 32
-    args = ["+experiment=conan_ablation", "debug=smoke", "logger=csv",
-            "stages.conan.objective.mrl_dims=[16,32]", "stages.conan.objective.eval_dims=[32]",
-            f"paths.log_dir={tmp_path}/logs"]
+    # debug=smoke alone: the Matryoshka widths follow the 32-wide smoke model (4, 8, 16, 32)
+    args = ["+experiment=conan_ablation", "debug=smoke", "logger=csv", f"paths.log_dir={tmp_path}/logs"]
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

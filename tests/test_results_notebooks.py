@@ -22,10 +22,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CASES = {
     "bge_recipe": ("bge_ablation_recipe", [], "bge", ["recipe_ablation.png"]),
     "mrl_dims": ("mrl_dims", [], "conan", ["mrl_dims.png"]),
-    # the smoke model is 32 wide: MRL at 16 and 32 (as tests/test_conan_smoke.py)
-    "conan_ablation": ("conan_ablation", ["stages.conan.objective.mrl_dims=[16,32]",
-                                          "stages.conan.objective.eval_dims=[32]"],
-                       "conan", ["dhnm_scores.png", "cbb_vs_sequential_loss.png"]),
+    "conan_ablation": ("conan_ablation", [], "conan", ["dhnm_scores.png", "cbb_vs_sequential_loss.png"]),
     "m3_selfdistill": ("m3_ablation_selfdistill", [], "m3", ["m3_modes.png"]),
 }
 

@@ -4,6 +4,7 @@ checkpoint writes are atomic; the sampler, the RNG streams and finished rows are
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,10 +111,14 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path):
 
 # ---------------------------------------------------------------- run folders and finished rows
 
-def test_resume_picks_the_newest_run_folder(tmp_path):
+def test_resume_picks_the_newest_run_folder(tmp_path, monkeypatch):
+    import embedkit.recipes.recovery as recovery
+
+    monkeypatch.setattr(recovery, "_chosen", {})   # each call below plays a new process
     base = tmp_path / "runs"
-    assert run_dir(str(base), "2026-01-03_00-00-00", False) == f"{base}/2026-01-03_00-00-00"
     assert run_dir(str(base), "2026-01-03_00-00-00", True) == f"{base}/2026-01-03_00-00-00"  # nothing yet
+    shutil.rmtree(base)
+    recovery._chosen.clear()
     for name in ("2026-01-01_10-00-00", "2026-01-02_09-00-00"):
         (base / name).mkdir(parents=True)
     assert run_dir(str(base), "2026-01-03_00-00-00", True) == str(base / "2026-01-02_09-00-00")

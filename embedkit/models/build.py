@@ -37,16 +37,18 @@ def trust_remote_code_flag(value) -> bool:
 def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: int = 1,
                          max_size: int | None = None, cache_dir: str | Path | None = None,
                          corpora: Sequence[str] = ("people_daily", "zh_mini_train"),
-                         data_dir: str | Path | None = None):
+                         data_dir: str | Path | None = None, on_bad_row: str = "error"):
     """Build (or reuse from `cache_dir`) a character vocabulary, saved into `out_dir`.
 
     The vocabulary covers the run's training `texts` plus fixed `corpora`, so that every stage of a
     multi-stage recipe (RetroMAE on People's Daily, then fine-tuning on zh-mini) shares one id
     space. It is keyed by a hash of all the text and settings, so a sweep builds it once.
+    `on_bad_row` is the run's data policy: the corpora re-read training files, and a row the data
+    skips must not stop the vocabulary.
     """
     from embedkit.models.vocab import build_char_vocab, load_tokenizer, read_vocab_txt, save_tokenizer
 
-    all_texts = list(texts) + [t for name in corpora for t in _corpus(name, data_dir)]
+    all_texts = list(texts) + [t for name in corpora for t in _corpus(name, data_dir, on_bad_row)]
     digest = hashlib.sha1()
     for t in all_texts:
         digest.update(t.encode("utf-8"))
@@ -65,7 +67,7 @@ def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: in
     return load_tokenizer(out_dir)
 
 
-def _corpus(name: str, data_dir: str | Path | None) -> list[str]:
+def _corpus(name: str, data_dir: str | Path | None, on_bad_row: str = "error") -> list[str]:
     if name == "people_daily":
         from embedkit.data.weak_pairs import people_daily_paragraphs
 
@@ -77,12 +79,23 @@ def _corpus(name: str, data_dir: str | Path | None) -> list[str]:
         root = require_data_dir(data_dir or DEFAULT_DATA_DIR)
         texts = []
         for f in ("nli_triplets", "stsb_hardneg", "cmrc_pairs"):
-            for r in read_retrieval_jsonl(root / "train" / f"{f}.jsonl"):
+            rows = read_retrieval_jsonl(root / "train" / f"{f}.jsonl", on_bad_row=on_bad_row)
+            _log_skipped(rows)
+            for r in rows:
                 texts += [r["query"], *r["pos"], *r["neg"]]
-        for r in read_sts_jsonl(root / "train" / "stsb_pairs.jsonl"):
+        rows = read_sts_jsonl(root / "train" / "stsb_pairs.jsonl", on_bad_row=on_bad_row)
+        _log_skipped(rows)
+        for r in rows:
             texts += [r["sentence1"], r["sentence2"]]
         return texts
     raise ValueError(f"unknown vocabulary corpus {name!r}; known: people_daily, zh_mini_train")
+
+
+def _log_skipped(rows) -> None:
+    if rows.skipped:
+        line, why = rows.skipped[0]
+        log.warning("vocabulary: skipped %d bad row(s) of %s (data.on_bad_row=skip); first: line %d: %s",
+                    len(rows.skipped), rows.path, line, why)
 
 
 def pretrained_tokenizer(name_or_path: str, out_dir: str | Path | None = None,

@@ -87,6 +87,9 @@ class EmbeddingObjective(pl.LightningModule):
     def save_extras(self, out_dir) -> None:
         """Save what the objective adds beside the encoder (M3's heads); the encoder saves itself."""
 
+    def load_extras(self, out_dir) -> None:
+        """Load what `save_extras` wrote, for a trained stage that is evaluated again (a resumed run)."""
+
     def embed_tokens(self, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The part of `embed(batch)` that one tokenised column `batch[side]` makes, by itself.
 

@@ -293,6 +293,11 @@ class M3(EmbeddingObjective):
     def save_extras(self, out_dir) -> None:
         self.save_heads(out_dir)
 
+    def load_extras(self, out_dir) -> None:
+        if not self.heads.load_weights(out_dir):
+            raise FileNotFoundError(f"{out_dir}: no trained M3 heads to evaluate (m3_heads.safetensors)")
+        self._saved_dir = Path(out_dir)
+
     # ------------------------------------------------------------------ evaluation
 
     def representer(self, batch_size: int = 64):

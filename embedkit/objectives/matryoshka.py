@@ -231,3 +231,6 @@ class Matryoshka(EmbeddingObjective):
 
     def save_extras(self, out_dir: str | Path) -> None:
         self.inner.save_extras(out_dir)
+
+    def load_extras(self, out_dir: str | Path) -> None:
+        self.inner.load_extras(out_dir)

@@ -1,46 +1,399 @@
-"""Runs that survive: resuming a killed run or sweep, isolating a failed sweep job, confined writes.
+"""Runs that survive, and results that are never lost: run folders, resume, sweep jobs, confined writes.
 
-- `resume=true` (or `resume=<run or sweep folder>`) makes Hydra's run/sweep folder the most recent
-  one of this experiment instead of a new timestamped one (`run_dir`, the `${embedkit_run_dir:}`
-  resolver in conf/hydra/default.yaml). Inside it, a row whose `results.json` holds no `error` is
-  done and is not redone (`finished_results`), an intermediate stage with `model/.done` is reused
-  (the recipe already did that), and an interrupted stage continues from its newest Lightning
-  checkpoint (embedkit/checkpointing.py).
-- Under `-m`, a job that raises writes `results.json` with an `error` entry (and the traceback)
-  and returns normally (`guarded`), so Hydra runs the remaining jobs and the sweep table shows the
-  failure; the sweep then exits non-zero (embedkit/reporting/sweep.py). Re-running the sweep in
-  the same folder redoes exactly the jobs without a clean results.json.
+Folders
+- A fresh run (or sweep) folder is created exclusively: two runs started in the same second get
+  `<time>` and `<time>_2`, never one shared folder (`run_dir`). The process that owns a folder holds
+  `<folder>/.lock` (its pid, host and process start time) until it exits; a lock whose process is
+  gone (SIGKILL, a lost machine) is stale and is taken over.
+- `resume=true` picks the newest folder of the experiment that no live process is writing;
+  `resume=<folder>` picks that one, and refuses it while a live run holds its lock.
+- A resumed job writes its Hydra configs into `.hydra/resumed/<time>/` (`hydra_subdir`): the
+  `.hydra/` files of the run that produced the results are never overwritten.
+
+Sweep jobs
+- A job's folder is found by its overrides, never by its position (`job_subdir`): resuming
+  `data.batch_size=32,16` in the folder of `data.batch_size=16,0` keeps the finished batch-16 job
+  and puts batch 32 into a new folder.
+- A job that raises writes its error into `results.json` and returns normally (`guarded`), so
+  Hydra runs the remaining jobs and the sweep table shows the failure; the sweep then exits
+  non-zero (embedkit/reporting/sweep.py). A clean `results.json` is never replaced by an error:
+  the error goes to `error.json` beside it.
+
+Rows
+- A row is finished when its root `results.json` holds no `error` and every variant it names is on
+  disk (`finished_results`); the root file is written last, after every variant is scored.
+- A row (or stage) is reused only when the settings it was run with equal this run's
+  (`check_settings`, `settings.json` in the row folder); otherwise the run stops and names every
+  key that differs.
 - Folders named by configs (row labels, stage names, variants) are joined with `inside`, which
   refuses a name that would lead out of the run folder (`..`, an absolute path, a symlink out).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import re
+import socket
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
+LOCK = ".lock"
+JOB_CLAIM = ".job.json"
+SETTINGS = "settings.json"
+ERROR = "error.json"
+
+_chosen: dict[tuple, str] = {}      # one answer per process: Hydra resolves its folders repeatedly
+_held: set[Path] = set()            # the locks this process holds, released at exit
+
+
+class FolderInUse(RuntimeError):
+    """A run folder is being written by a live process."""
+
+
+class SettingsChanged(RuntimeError):
+    """A resumed row or job was run with other settings than this invocation's."""
+
+
+# ---------------------------------------------------------------- run and sweep folders
+
+def _resuming(resume: Any) -> bool:
+    return not (resume is None or resume is False or str(resume).lower() in ("", "false", "none", "null"))
+
+
+def _is_follower_rank() -> bool:
+    # torchrun / SLURM ranks > 0 run the same command: the folder is rank 0's to create and lock.
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def _newest_first_key(path: Path) -> tuple:
+    # `<time>` then `<time>_2`, `<time>_3`, ...: the timestamp orders runs, the suffix same-second ones.
+    m = re.fullmatch(r"(.*)_(\d+)", path.name)
+    return (m.group(1), int(m.group(2))) if m else (path.name, 1)
+
 
 def run_dir(base: str, fresh: str, resume: Any) -> str:
-    """The run (or sweep) folder: `base/fresh` normally; with resume=true the newest folder under
-    `base`; with resume=<path>, that folder. Nothing to resume starts a fresh folder."""
-    if resume is None or resume is False or str(resume).lower() in ("", "false", "none", "null"):
-        return f"{base}/{fresh}"
+    """The run (or sweep) folder: a new `base/fresh` (made unique); with resume=true the newest
+    folder under `base` that no live run holds; with resume=<path>, that folder."""
+    key = (str(base), str(fresh), str(resume))
+    if key not in _chosen:
+        _chosen[key] = _choose_run_dir(Path(base), str(fresh), resume)
+    return _chosen[key]
+
+
+def _choose_run_dir(base: Path, fresh: str, resume: Any) -> str:
+    if _is_follower_rank():
+        # Rank 0 holds the lock of the folder all ranks share: take the same one, lock aside.
+        if not _resuming(resume):
+            return str(base / fresh)
+        if str(resume).lower() != "true":
+            return str(resume)
+        folders = sorted((p for p in base.glob("*") if p.is_dir()), key=_newest_first_key) if base.is_dir() else []
+        return str(folders[-1]) if folders else str(base / fresh)
+    if not _resuming(resume):
+        return str(_claim_fresh(base, fresh))
     if resume is True or str(resume).lower() == "true":
-        # Folder names are timestamps (%Y-%m-%d_%H-%M-%S): the newest sorts last.
-        folders = sorted(p for p in Path(base).glob("*") if p.is_dir()) if Path(base).is_dir() else []
-        if not folders:
-            log.warning("resume=true: nothing to resume under %s; starting a new run", base)
-            return f"{base}/{fresh}"
-        return str(folders[-1])
+        folders = sorted((p for p in base.glob("*") if p.is_dir()), key=_newest_first_key, reverse=True) \
+            if base.is_dir() else []
+        for folder in folders:
+            owner = live_owner(folder)
+            if owner is not None:
+                log.warning("resume=true: skipping %s, %s is writing it", folder, owner)
+                continue
+            if acquire(folder):
+                return str(folder)
+        log.warning("resume=true: nothing to resume under %s; starting a new run", base)
+        return str(_claim_fresh(base, fresh))
     path = Path(str(resume)).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"resume={resume}: no such run folder")
+    if not acquire(path):
+        raise FolderInUse(f"resume={resume}: {live_owner(path) or 'another process'} is writing this "
+                          f"folder; wait for it to finish, or delete {path / LOCK} if that run is gone")
     return str(path)
+
+
+def _claim_fresh(base: Path, fresh: str) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = base / (fresh if n == 1 else f"{fresh}_{n}")
+        try:
+            folder.mkdir()          # exclusive: a second run started this second gets the next name
+        except FileExistsError:
+            continue
+        acquire(folder)
+        return folder
+    raise RuntimeError(f"could not create a new run folder under {base}")
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def live_owner(folder: Path) -> str | None:
+    """'pid N on HOST' if a live process other than this one holds `folder`'s lock, else None."""
+    try:
+        lock = json.loads((Path(folder) / LOCK).read_text())
+    except (OSError, ValueError):
+        return None
+    me = _me()
+    who = f"pid {lock.get('pid')} on {lock.get('host')}"
+    if lock.get("pid") == me["pid"] and lock.get("host") == me["host"]:
+        return None
+    if lock.get("host") != me["host"]:
+        return who    # another machine's process cannot be checked from here: assume it is alive
+    pid = int(lock.get("pid") or 0)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None   # stale: the process is gone
+    except PermissionError:
+        pass
+    if lock.get("start") and _process_start(pid) not in (None, lock["start"]):
+        return None   # the pid was reused by another process
+    return who
+
+
+def acquire(folder: Path) -> bool:
+    """Take `folder`'s lock for this process (a stale lock is replaced); False if a live one holds it."""
+    folder = Path(folder)
+    if live_owner(folder) is not None:
+        return False
+    tmp = folder / f"{LOCK}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(_me()))
+    os.replace(tmp, folder / LOCK)
+    if live_owner(folder) is not None:   # another process replaced it at the same moment
+        return False
+    _held.add(folder / LOCK)
+    return True
+
+
+@atexit.register
+def release_locks() -> None:
+    for lock in list(_held):
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+        _held.discard(lock)
+
+
+def hydra_subdir(output_dir: str) -> str:
+    """Where Hydra saves this job's configs: `.hydra`, or `.hydra/resumed/<time>` when the folder
+    already holds the configs of the run that made its results."""
+    key = ("hydra_subdir", str(output_dir))
+    if key not in _chosen:
+        subdir = ".hydra"
+        if (Path(output_dir) / ".hydra" / "config.yaml").exists():
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            n, subdir = 1, f".hydra/resumed/{stamp}"
+            while (Path(output_dir) / subdir).exists():
+                n += 1
+                subdir = f".hydra/resumed/{stamp}_{n}"
+        _chosen[key] = subdir
+    return _chosen[key]
+
+
+# ---------------------------------------------------------------- sweep jobs
+
+def _job_key(overrides) -> list[str]:
+    # `resume=...` says how to run, not what: it is not part of a job's identity.
+    return sorted(str(o) for o in overrides if not str(o).startswith("resume="))
+
+
+def recorded_overrides(job: Path) -> list[str] | None:
+    """The overrides a job folder was made for: Hydra's overrides.yaml, or our claim before it exists."""
+    import yaml
+
+    saved = job / ".hydra" / "overrides.yaml"
+    try:
+        if saved.exists():
+            return list(yaml.safe_load(saved.read_text(encoding="utf-8")) or [])
+        if (job / JOB_CLAIM).exists():
+            return list(json.loads((job / JOB_CLAIM).read_text(encoding="utf-8"))["overrides"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def job_subdir(sweep_dir: str, num: Any, overrides: Any) -> str:
+    """A sweep job's folder under `sweep_dir`: the existing one made for the same overrides, else a
+    new one (`num` if free, else the next free number), created exclusively."""
+    overrides = [str(o) for o in overrides]
+    key = ("job", str(sweep_dir), json.dumps(_job_key(overrides)))
+    if key not in _chosen:
+        _chosen[key] = _choose_job_subdir(Path(sweep_dir), int(num), overrides)
+    return _chosen[key]
+
+
+def _choose_job_subdir(sweep: Path, num: int, overrides: list[str]) -> str:
+    want = _job_key(overrides)
+    sweep.mkdir(parents=True, exist_ok=True)
+
+    def match() -> str | None:
+        for job in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+            got = recorded_overrides(job)
+            if got is not None and _job_key(got) == want:
+                return job.name
+        return None
+
+    found = match()
+    if found is not None:
+        return found
+    n = num
+    while True:
+        try:
+            (sweep / str(n)).mkdir()
+        except FileExistsError:
+            found = match()   # a parallel job with these overrides may have just claimed it
+            if found is not None:
+                return found
+            n += 1
+            continue
+        (sweep / str(n) / JOB_CLAIM).write_text(json.dumps({"overrides": overrides}), encoding="utf-8")
+        return str(n)
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_label() -> str:
+    """This sweep job's overrides, as its row label (credentials masked)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from embedkit.redact import redact_text
+
+    return redact_text(HydraConfig.get().job.override_dirname or "run")
+
+
+def guarded(run: Callable, cfg) -> Any:
+    """`run(cfg)`; in a sweep job, a failure is written to the job's results.json instead of raised
+    (to error.json where a clean results.json from an earlier run must be kept)."""
+    if not is_multirun():
+        return run(cfg)
+    from embedkit.redact import write_json
+
+    try:
+        return run(cfg)
+    except Exception as err:   # noqa: BLE001  a sweep job's failure must not take the sweep down
+        out_dir = Path(cfg.paths.output_dir)
+        label = job_label()
+        log.exception("sweep job %s (%s) failed; the sweep goes on", out_dir.name, label)
+        record = {"label": label, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        target = out_dir / "results.json"
+        if clean_results(target) is not None:
+            target = out_dir / ERROR
+            log.error("%s is kept (a finished result); this attempt's error is in %s",
+                      out_dir / "results.json", target)
+        write_json(target, record)
+        return None
+
+
+# ---------------------------------------------------------------- rows
+
+def clean_results(path: Path) -> dict | None:
+    """The content of a results.json that parses and holds no error, else None."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "error" not in data else None
+
+
+def finished_results(row_dir: Path, label: str) -> dict[str, dict] | None:
+    """{variant: results} of a row an earlier run of this folder finished cleanly, else None.
+
+    Finished means: the root results.json (written last) is clean, and each variant it lists in
+    `variant_names` has its own clean results.json."""
+    path = row_dir / "results.json"
+    if not path.exists():
+        return None
+    root = clean_results(path)
+    if root is None:
+        log.warning("%s is unreadable or records an error; redoing the row", path)
+        return None
+    if root.get("label") != label:
+        raise RuntimeError(f"{path} holds the results of {root.get('label')!r}, not of {label!r}: "
+                           f"this folder belongs to another run or sweep; resume it with the same "
+                           f"command, or start a new one without resume")
+    results = {} if "variants" in root else {root.get("variant") or "": root}
+    variant_files = sorted((row_dir / "variants").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    for file in variant_files:
+        res = clean_results(file)
+        if res is not None:
+            results[res.get("variant") or ""] = res
+    missing = [v for v in root.get("variant_names", []) if v not in results]
+    if missing:
+        log.warning("%s: variant(s) %s were never scored; finishing the row", row_dir, missing)
+        return None
+    return results
+
+
+def variant_results(variant_dir: Path, variant: str) -> dict | None:
+    """A variant's results scored by an earlier, interrupted attempt at the same row, if clean."""
+    res = clean_results(variant_dir / "results.json")
+    return res if res is not None and (res.get("variant") or "") == variant else None
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': leaf} of a nested dict (lists are leaves)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def settings_diff(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every flattened key that differs (or exists on one side only)."""
+    missing = "(unset)"
+    return [f"{k}: {json.dumps(then.get(k, missing), ensure_ascii=False, default=str)} (then) -> "
+            f"{json.dumps(now.get(k, missing), ensure_ascii=False, default=str)} (now)"
+            for k in sorted(set(then) | set(now)) if then.get(k, missing) != now.get(k, missing)]
+
+
+def check_settings(folder: Path, settings: dict[str, Any], what: str) -> None:
+    """Record `settings` in `folder/settings.json`, or, if an earlier run recorded others there,
+    stop: its results (or checkpoints) were made with those, and must not pass for this run's."""
+    from embedkit.redact import redact, write_json
+
+    path = Path(folder) / SETTINGS
+    settings = json.loads(json.dumps(redact(settings), default=str))   # as the file will hold them
+    if path.exists():
+        try:
+            then = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            then = None
+        if then is not None and then != settings:
+            diff = settings_diff(then, settings)
+            shown = "\n  ".join(diff[:20]) + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
+            raise SettingsChanged(
+                f"{what} in {folder} was run with other settings than this run's:\n  {shown}\n"
+                f"A resumed run reuses a row or stage only when its settings match. Start a new run "
+                f"(without resume), or resume with the settings it was started with.")
+        if then is not None:
+            return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
 
 
 def inside(base: str | Path, *parts: str) -> Path:
@@ -53,55 +406,3 @@ def inside(base: str | Path, *parts: str) -> Path:
         raise ValueError(f"refusing to write to {path}: the name {'/'.join(map(str, parts))!r} (from the "
                          f"config) leads outside the run folder {base}")
     return path
-
-
-def finished_results(row_dir: Path, label: str) -> dict[str, dict] | None:
-    """{variant: results} of a row an earlier run of this folder finished cleanly, else None."""
-    path = row_dir / "results.json"
-    if not path.exists():
-        return None
-    try:
-        root = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        log.warning("%s is unreadable (%s); redoing the row", path, err)
-        return None
-    if "error" in root:
-        return None
-    if root.get("label") != label:
-        raise RuntimeError(f"{path} holds the results of {root.get('label')!r}, not of {label!r}: "
-                           f"this folder belongs to another run or sweep; resume it with the same "
-                           f"command, or start a new one without resume")
-    results = {} if "variants" in root else {root.get("variant") or "": root}
-    variant_files = sorted((row_dir / "variants").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-    for file in variant_files:
-        res = json.loads(file.read_text(encoding="utf-8"))
-        results[res.get("variant") or ""] = res
-    return results
-
-
-def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def guarded(run: Callable, cfg) -> Any:
-    """`run(cfg)`; in a sweep job, a failure is written to the job's results.json instead of raised."""
-    if not is_multirun():
-        return run(cfg)
-    from hydra.core.hydra_config import HydraConfig
-
-    from embedkit.redact import redact_text, write_json
-
-    try:
-        return run(cfg)
-    except Exception as err:   # noqa: BLE001  a sweep job's failure must not take the sweep down
-        out_dir = Path(cfg.paths.output_dir)
-        label = redact_text(HydraConfig.get().job.override_dirname or "run")
-        log.exception("sweep job %s (%s) failed; the sweep goes on", out_dir.name, label)
-        write_json(out_dir / "results.json", {
-            "label": label, "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(),
-        })
-        return None

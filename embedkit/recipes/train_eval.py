@@ -33,7 +33,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from embedkit.recipes.recovery import finished_results, inside
+from embedkit.recipes.recovery import check_settings, finished_results, inside, variant_results
 from embedkit.redact import redact, redact_text, write_json
 
 log = logging.getLogger(__name__)
@@ -95,13 +95,51 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
     return cfg
 
 
-def stage_key(cfg: DictConfig) -> str:
-    """What makes a stage's result: its objective, data, model, trainer, seed and initialisation."""
+RESULT_PARTS = ("objective", "data", "model", "trainer", "seed", "callbacks")
+# Settings that change how a run looks, not what it computes: a resume may change them freely.
+COSMETIC = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+            "data.num_workers", "eval.show_progress")
+
+
+def resolved_parts(cfg: DictConfig, keys=RESULT_PARTS) -> dict:
     # Resolved node by node, in place: their interpolations need the root, and other stages'
     # nodes may not resolve against this stage's objective.
-    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-             for k in ("objective", "data", "model", "trainer", "seed", "callbacks") if k in cfg}
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in keys if k in cfg}
+
+
+def stage_key(cfg: DictConfig) -> str:
+    """What makes a stage's result: its objective, data, model, trainer, seed and initialisation."""
+    return hashlib.sha1(json.dumps(resolved_parts(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path) -> list[dict]:
+    """The row's chain of stages: [{stage, name, cfg, dir, final}], each initialised from the
+    previous stage's model folder. The last stage trains in the row's folder; the others in
+    `stages/<stage>-<key>/`, shared by every row whose chain reaches them with the same settings."""
+    row_cfg = row_config(cfg, row["overrides"])
+    chain = list(row["stages"] or [None])
+    init, plan = row_cfg.model.get("init_from"), []
+    for i, stage in enumerate(chain):
+        stage_cfg = stage_config(row_cfg, stage, init)
+        final = i == len(chain) - 1
+        stage_dir = row_dir if final else inside(out_dir, "stages", f"{stage}-{stage_key(stage_cfg)}")
+        plan.append({"stage": stage, "cfg": stage_cfg, "dir": stage_dir, "final": final,
+                     "name": f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")})
+        init = str(stage_dir / "model")
+    return plan
+
+
+def row_settings(plan: list[dict]) -> dict:
+    """Every resolved setting that decides the row's results, flattened ('general/objective.lr')."""
+    from embedkit.recipes.recovery import flat
+
+    out = {}
+    for p in plan:
+        parts = resolved_parts(p["cfg"], RESULT_PARTS + (("eval",) if p["final"] else ()))
+        prefix = f"{p['stage']}/" if p["stage"] else ""
+        out.update({prefix + k: v for k, v in flat(parts).items() if k not in COSMETIC})
+    return out
 
 
 def safe_label(label: str) -> str:
@@ -127,24 +165,31 @@ def finish_logger(logger) -> None:
         logger.experiment.finish()
 
 
-def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out_dir: Path):
-    """Train one stage; returns (module, trainer, logger, seconds)."""
+def build_stage(cfg: DictConfig, tokenizer):
+    """The stage's encoder (initialised from `model.init_from` if set) wrapped in its objective."""
+    from embedkit.models.build import init_encoder_from
+
+    encoder = instantiate(cfg.model.encoder, tokenizer=tokenizer)
+    if cfg.model.get("init_from"):
+        init_encoder_from(encoder, cfg.model.init_from)
+    return instantiate(cfg.objective, encoder=encoder)
+
+
+def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out_dir: Path) -> dict:
+    """Train one stage; returns {module, logger, seconds, record} (record: what model/.done holds)."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor
 
     from embedkit.checkpointing import (CKPT_DIR, AtomicCheckpointIO, RngState, latest_checkpoint,
                                         step_checkpoint)
-    from embedkit.models.build import init_encoder_from
     from embedkit.models.export import export_sentence_transformers
+    from embedkit.recipes.health import TrainingHealth
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
     data.use_examples(examples)
     data.attach_tokenizer(tokenizer)
-    encoder = instantiate(cfg.model.encoder, tokenizer=tokenizer)
-    if cfg.model.get("init_from"):
-        init_encoder_from(encoder, cfg.model.init_from)
-    module = instantiate(cfg.objective, encoder=encoder)
+    module = build_stage(cfg, tokenizer)
 
     logger = make_logger(cfg, name, out_dir)
     if logger:
@@ -155,7 +200,8 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
     # `callbacks: {name: {_target_: ...}}` (conf/callbacks/): e.g. dynamic hard-negative mining.
     stage_callbacks = {k: instantiate(v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
-    callbacks += list(stage_callbacks.values())
+    health = instantiate(cfg.checks) if cfg.get("checks") else TrainingHealth()
+    callbacks += list(stage_callbacks.values()) + [health]
     every = int((cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0)
     ckpt_dir, resume_from, extra = out_dir / CKPT_DIR, None, {}
     if every > 0:
@@ -174,17 +220,33 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
+    health.verdict(name)   # no steps, all skipped, or all-zero losses: stop before exporting
 
     model_dir = out_dir / "model"
     # save_pretrained's files plus sentence-transformers' module files: `load_encoder(model_dir)` and
     # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
-    export_sentence_transformers(encoder, model_dir)
+    export_sentence_transformers(module.encoder, model_dir)
     module.save_extras(model_dir)
     for cb_name, cb in stage_callbacks.items():
         if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
             write_json(out_dir / f"callback_{cb_name}.json", cb.summary())
-    (model_dir / DONE).write_text(json.dumps({"steps": int(trainer.global_step)}))
-    return module, trainer, logger, seconds
+    record = {"steps": int(trainer.global_step), "final_train_loss": _metric(trainer, "train/loss"),
+              "train_seconds": round(seconds, 1), "training": health.summary()}
+    write_json(model_dir / DONE, record)   # last: the stage counts as trained from here on
+    return {"module": module, "logger": logger, "seconds": seconds, "record": record}
+
+
+def load_trained_stage(cfg: DictConfig, name: str, tokenizer, out_dir: Path) -> dict:
+    """A stage whose training finished in an earlier attempt (model/.done): its trained encoder and
+    extras in the stage's objective, ready to evaluate, in the same form as `train_stage` returns."""
+    model_dir = out_dir / "model"
+    record = json.loads((model_dir / DONE).read_text(encoding="utf-8"))
+    with open_dict(cfg):
+        cfg.model.init_from = str(model_dir)
+    module = build_stage(cfg, tokenizer)
+    module.load_extras(model_dir)
+    log.info("%s: trained in an earlier attempt (%s), evaluating it", name, model_dir)
+    return {"module": module, "logger": make_logger(cfg, name, out_dir), "seconds": 0.0, "record": record}
 
 
 # ---------------------------------------------------------------- the run
@@ -224,13 +286,19 @@ def run(cfg: DictConfig) -> float | None:
     rows = ablation_rows(cfg)
     examples = Examples()
 
+    # Each row's folder and plan; a resumed row must have been run with these very settings.
+    for row in rows:
+        row["dir"] = out_dir if len(rows) == 1 else inside(out_dir, "rows", safe_label(row["label"]))
+        row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
+        check_settings(row["dir"], row_settings(row["plan"]), f"row {row['label']!r}")
+
     # One tokenizer for every stage of every row: read all their data first.
     vocab_texts: list[str] = []
-    seen = set()
+    seen, policies = set(), set()
     for row in rows:
-        row_cfg = row_config(cfg, row["overrides"])
-        for stage in row["stages"] or [None]:
-            data_cfg = stage_config(row_cfg, stage, None).data
+        for step in row["plan"]:
+            data_cfg = step["cfg"].data
+            policies.add(data_cfg.get("on_bad_row", "error"))
             if examples.key(data_cfg) not in seen:
                 seen.add(examples.key(data_cfg))
                 vocab_texts += examples.get(data_cfg)[1]
@@ -241,12 +309,14 @@ def run(cfg: DictConfig) -> float | None:
 
         tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / "tokenizer")
     else:
-        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"))
+        # The vocabulary's own corpora re-read training files: they skip bad rows as the data does.
+        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"),
+                                on_bad_row="skip" if "skip" in policies else "error")
     suite = instantiate(cfg.eval)
 
     table_rows, last = [], None
     for row in rows:
-        row_dir = out_dir if len(rows) == 1 else inside(out_dir, "rows", safe_label(row["label"]))
+        row_dir = row["dir"]
         row_dir.mkdir(parents=True, exist_ok=True)
         results = finished_results(row_dir, row["label"])
         if results is not None:
@@ -275,38 +345,44 @@ def run(cfg: DictConfig) -> float | None:
 
 def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, row_dir: Path,
             out_dir: Path) -> dict[str, dict]:
-    """Train the row's stages, evaluate every variant; returns {variant label: results}."""
-    row_cfg = row_config(cfg, row["overrides"])
-    chain = list(row["stages"] or [None])
-    init, steps, train_seconds, bad_rows = row_cfg.model.get("init_from"), {}, 0.0, {}
-    for i, stage in enumerate(chain):
-        stage_cfg = stage_config(row_cfg, stage, init)
-        final = i == len(chain) - 1
-        name = f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")
+    """Train the row's stages, evaluate every variant; returns {variant label: results}.
+
+    A stage trained in an earlier attempt (model/.done) is reused, the final one too; a variant
+    scored in an earlier attempt is kept. The row's root results.json is written last: it marks
+    the row finished (embedkit/recipes/recovery.py `finished_results`)."""
+    plan = row.get("plan") or plan_row(cfg, row, row_dir, out_dir)
+    chain = [p["stage"] for p in plan]
+    steps, train_seconds, bad_rows, training = {}, 0.0, {}, {}
+    for p in plan:
+        stage_cfg, stage_dir, name = p["cfg"], p["dir"], p["name"]
         bad_rows.update(examples.bad_rows(stage_cfg.data))   # a reused stage's data counts too
-        if final:
-            stage_dir = row_dir
-        else:
-            stage_dir = inside(out_dir, "stages", f"{stage}-{stage_key(stage_cfg)}")
-            if (stage_dir / "model" / DONE).exists():
+        if (stage_dir / "model" / DONE).exists():
+            if p["final"]:
+                stage = load_trained_stage(stage_cfg, name, tokenizer, stage_dir)
+            else:
                 log.info("%s: reusing %s", name, stage_dir)
-                steps[stage] = json.loads((stage_dir / "model" / DONE).read_text())["steps"]
-                init = str(stage_dir / "model")
-                continue
-        stage_examples, _ = examples.get(stage_cfg.data)
-        module, trainer, logger, seconds = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
-        steps[stage or "train"] = int(trainer.global_step)
-        train_seconds += seconds
-        init = str(stage_dir / "model")
-        if not final:
-            finish_logger(logger)
-            _drop_checkpoints(cfg, stage_dir)   # model/.done now stands for the stage
+                stage = {"record": json.loads((stage_dir / "model" / DONE).read_text(encoding="utf-8"))}
+        else:
+            stage_examples, _ = examples.get(stage_cfg.data)
+            stage = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
+            train_seconds += stage["seconds"]
+            if not p["final"]:
+                finish_logger(stage["logger"])
+                _drop_checkpoints(cfg, stage_dir)   # model/.done now stands for the stage
+        steps[p["stage"] or "train"] = int(stage["record"]["steps"])
+        training[p["stage"] or "train"] = stage["record"].get("training")
+    module, logger, record = stage["module"], stage["logger"], stage["record"]
 
     all_results: dict[str, dict] = {}
     instruction = stage_cfg.eval.get("query_instruction") if "eval" in stage_cfg else None
     for variant, kwargs in module.eval_targets().items():
         kwargs = {"query_instruction": instruction, **kwargs}
         variant_dir = row_dir if not variant else inside(row_dir, "variants", safe_label(variant))
+        earlier = variant_results(variant_dir, variant) if variant else None
+        if earlier is not None:
+            log.info("%s %s: scored in an earlier attempt, kept", row["label"], variant)
+            all_results[variant] = earlier
+            continue
         start = time.perf_counter()
         results = suite.evaluate(**kwargs, model_name=f"embedkit/{cfg.experiment_name}",
                                  revision=safe_label(f"{row['label']}-{variant}" if variant else row["label"]),
@@ -315,23 +391,30 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "label": row["label"], "variant": variant, "paper_row": row.get("paper_row"),
             "overrides": row["overrides"], "stages": chain if chain != [None] else None,
             "scale": cfg.scale.name, "steps": steps.get(chain[-1] or "train"), "stage_steps": steps,
-            "train_seconds": round(train_seconds, 1),
+            "train_seconds": round(train_seconds or record.get("train_seconds", 0.0), 1),
             "eval_seconds": round(time.perf_counter() - start, 1),
-            "final_train_loss": _metric(trainer, "train/loss"),
+            "final_train_loss": record.get("final_train_loss"),
+            "training": training,   # per stage: batches, optimizer steps, skipped, zero-loss batches
             "bad_rows": bad_rows,   # {file: {count, first}}: rows data.on_bad_row=skip left out
         })
-        write_json(variant_dir / "results.json", results)   # redacted (embedkit/redact.py)
+        if variant:
+            write_json(variant_dir / "results.json", results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
         if logger:
             prefix = f"eval/{variant}/" if variant else "eval/"
             logger.log_metrics({f"{prefix}{k}": v for k, v in results.get("categories", {}).items()}
-                               | {f"{prefix}Avg": results.get("Avg")}, step=int(trainer.global_step))
-    if "" not in all_results and all_results:
+                               | {f"{prefix}Avg": results.get("Avg")}, step=int(record["steps"]))
+    if "" in all_results:
+        root = dict(all_results[""])
+    else:
         # Variant-only objectives (Matryoshka) still leave one results.json at the row's root, for sweeps.
-        summary = dict(list(all_results.values())[-1])
-        summary["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
-                               for k, v in all_results.items()}
-        write_json(row_dir / "results.json", summary)
+        root = dict(list(all_results.values())[-1])
+        root["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
+                            for k, v in all_results.items()}
+    root["variant_names"] = [v for v in all_results if v]
+    write_json(row_dir / "results.json", root)   # last: the row is finished once this exists
+    if "" in all_results:
+        all_results[""] = root
     finish_logger(logger)
     _drop_checkpoints(cfg, row_dir)   # the row is done: results.json and model/ are what it keeps
     return all_results
