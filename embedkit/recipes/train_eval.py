@@ -218,10 +218,13 @@ class Examples:
 
 
 def run(cfg: DictConfig) -> float | None:
+    from embedkit.recipes.preflight import preflight
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
 
     out_dir = Path(cfg.paths.output_dir)
     rows = ablation_rows(cfg)
+    suite = instantiate(cfg.eval)
+    preflight(cfg, rows, suite)   # config types, widths, folders, eval data: before any data is read
     examples = Examples()
 
     # One tokenizer for every stage of every row: read all their data first.
@@ -242,7 +245,6 @@ def run(cfg: DictConfig) -> float | None:
         tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / "tokenizer")
     else:
         tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"))
-    suite = instantiate(cfg.eval)
 
     table_rows, last = [], None
     for row in rows:
