@@ -96,10 +96,13 @@ def _redact(obj: Any, secrets: list[str], masked: bool) -> Any:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write `data` redacted, as results.json files are written (indented, UTF-8, CJK unescaped)."""
-    path = Path(path)
-    path.write_text(json.dumps(redact(data), indent=2, ensure_ascii=False), encoding="utf-8")
-    return path
+    """Write `data` redacted, as results.json files are written (indented, UTF-8, CJK unescaped).
+
+    Atomically (embedkit/atomic_files.py): a kill mid-write leaves the previous file, not half a one.
+    """
+    from embedkit.atomic_files import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(redact(data), indent=2, ensure_ascii=False))
 
 
 def redact_yaml_file(path: str | Path) -> bool:

@@ -29,3 +29,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def compose_run(tmp_path):
+    """`compose_run([overrides])`: conf/train.yaml composed as `python run.py overrides` would, with
+    the run folder (tmp_path/run) and the cache (tmp_path/cache) under tmp_path, and Hydra's runtime
+    config set, so `${hydra:...}` resolves and the recipe's `ablation_rows` works outside an app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from embedkit.config import CONFIG_DIR
+
+    def _compose(overrides=()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"paths.cache_dir={tmp_path}/cache", *overrides],
+                          return_hydra_config=True)
+        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()

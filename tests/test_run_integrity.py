@@ -331,3 +331,16 @@ def test_a_run_with_nothing_to_contrast_fails_instead_of_reporting_an_untrained_
     assert "the training loss was exactly 0 on all 3 batches" in res.stderr
     (run,) = (tmp_path / "logs" / "zero" / "runs").iterdir()
     assert not (run / "results.json").exists() and not (run / "table.md").exists()
+
+
+def test_the_sweep_table_shows_a_later_failure_beside_a_kept_result(tmp_path):
+    from embedkit.reporting.sweep import collect
+
+    _job(tmp_path, "0", ["data.batch_size=16"], {"label": "data.batch_size=16", "Avg": 1.0})
+    _job(tmp_path, "1", ["data.batch_size=32", "resume=true"], {"label": "data.batch_size=32", "Avg": 2.0})
+    time.sleep(0.01)
+    (tmp_path / "0" / "error.json").write_text(json.dumps({"error": "SettingsChanged: objective.lr"}))
+    rows = {r["label"]: r for r in collect(tmp_path)}
+    assert set(rows) == {"data.batch_size=16", "data.batch_size=32"}   # resume= is no label
+    assert "SettingsChanged" in rows["data.batch_size=16"]["error"] and "kept" in rows["data.batch_size=16"]["error"]
+    assert rows["data.batch_size=32"]["Avg"] == 2.0

@@ -34,6 +34,12 @@ class _Suite:
     def _load_tasks(self):
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Load the tasks now, before training (embedkit/recipes/preflight.py): an unknown task
+        name or a broken task file then fails in seconds, not after the training it would waste.
+        The loaded tasks stay cached, so `evaluate` does not read them again."""
+        self.tasks()
+
     def evaluate(self, encoder=None, *, model_name: str, revision: str, output_dir: str | Path,
                  task_types: Sequence[str] | None = None, mteb_model=None,
                  query_instruction: str | None | object = _SUITE_DEFAULT) -> dict:
@@ -67,7 +73,7 @@ class MiniCMTEB(_Suite):
                  max_rows: int | None = None, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.data_dir = data_dir
-        self.task_names = list(tasks) if tasks else None
+        self.task_names = None if tasks is None else list(tasks)   # [] selects nothing: an error
         self.max_rows = max_rows
         self.seed = seed
 
@@ -86,14 +92,17 @@ class OfficialCMTEB(_Suite):
     def __init__(self, task_types: Sequence[str] | None = None,
                  tasks: Sequence[str] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.task_types = list(task_types) if task_types else None
-        self.task_names = list(tasks) if tasks else None
+        self.task_types = None if task_types is None else list(task_types)
+        self.task_names = None if tasks is None else list(tasks)   # [] selects nothing: an error
 
     def _load_tasks(self):
         from embedkit.eval.cmteb import official_cmteb_tasks
 
+        if self.task_types == [] or self.task_names == []:
+            raise ValueError("no tasks selected: eval.task_types or eval.tasks is an empty list; "
+                             "name some, or give null for every C-MTEB task")
         tasks = official_cmteb_tasks(self.task_types)
-        if self.task_names:
+        if self.task_names is not None:
             known = {t.metadata.name for t in tasks}
             missing = sorted(set(self.task_names) - known)
             if missing:

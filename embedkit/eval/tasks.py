@@ -57,8 +57,15 @@ def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict[str, Any]]
     if not path.is_file():
         raise TaskDataError(f"{path}: data file not found")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a bad byte is then reported with its line, not as a bare
+    # UnicodeDecodeError at some offset of the file.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(f"{path}, line {lineno}: invalid UTF-8 (byte {e.start + 1} of the "
+                                    f"line: {e.reason})") from e
             if not line.strip():
                 continue
             try:
@@ -81,8 +88,12 @@ def read_task_config(task_dir: Path) -> dict[str, Any]:
     path = Path(task_dir) / "task.json"
     if not path.is_file():
         raise TaskDataError(f"{path}: task.json not found (every task folder needs one)")
+    data = path.read_bytes()
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TaskDataError(f"{path}: invalid UTF-8 at line {line} ({e.reason})") from e
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from e
     if not isinstance(config, dict):
@@ -403,6 +414,10 @@ def load_local_tasks(
         selected = available
     else:
         selected = list(names)
+        if not selected:
+            # An empty list is a selection of nothing, not "all" (that is None): say so.
+            raise TaskDataError(f"{eval_dir}: no tasks selected (an empty list); name some of "
+                                f"{available}, or give null for every task")
         unknown = [name for name in selected if name not in available]
         if unknown:
             raise TaskDataError(f"{eval_dir}: no task folder(s) {unknown}; found {available}")

@@ -123,6 +123,10 @@ def _build_inner(inner: Any, encoder: TextEncoder | None, kwargs: dict) -> Embed
 
 
 class Matryoshka(EmbeddingObjective):
+    # Arguments holding embedding widths: checked against the encoder's width before training
+    # (embedkit/recipes/preflight.py), not only when the objective is built after the data is read.
+    embedding_width_args = ("dims",)
+
     def __init__(self, encoder: TextEncoder, inner: Any, dims: Sequence[int],
                  weights: Sequence[float] | None = None, truncate_keys: Sequence[str] | None = None,
                  train_group_size: int | None = None, lr: float | None = None,

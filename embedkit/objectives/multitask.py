@@ -36,6 +36,9 @@ from embedkit.objectives.matryoshka import Matryoshka, TruncatedEncoder, _build_
 
 
 class MultiTask(EmbeddingObjective):
+    # Checked against the encoder's width before training (embedkit/recipes/preflight.py).
+    embedding_width_args = ("mrl_dims", "eval_dims")
+
     def __init__(self, encoder: TextEncoder, tasks: Mapping[str, Any],
                  weights: Mapping[str, float] | None = None, retrieval_shards: int = 1,
                  train_group_size: int | None = None, mrl_dims: Sequence[int] | None = None,

@@ -280,10 +280,13 @@ class Examples:
 
 
 def run(cfg: DictConfig) -> float | None:
+    from embedkit.recipes.preflight import preflight
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
 
     out_dir = Path(cfg.paths.output_dir)
     rows = ablation_rows(cfg)
+    suite = instantiate(cfg.eval)
+    preflight(cfg, rows, suite)   # config types, widths, folders, eval data: before any data is read
     examples = Examples()
 
     # Each row's folder and plan; a resumed row must have been run with these very settings.
@@ -312,7 +315,6 @@ def run(cfg: DictConfig) -> float | None:
         # The vocabulary's own corpora re-read training files: they skip bad rows as the data does.
         tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"),
                                 on_bad_row="skip" if "skip" in policies else "error")
-    suite = instantiate(cfg.eval)
 
     table_rows, last = [], None
     for row in rows:

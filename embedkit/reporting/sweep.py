@@ -1,8 +1,10 @@
 """Aggregate a Hydra multirun: one table over every job of the sweep, written when the sweep ends.
 
 Each job writes its own `results.json` into its job folder; this callback only reads them, so a
-job that failed (no results, or an `error` entry: embedkit/recipes/recovery.py `guarded`) shows up
-as a row with its error instead of hiding the others, and the sweep exits non-zero at the end. `python -m embedkit.reporting.sweep <sweep_dir>` rebuilds the table by hand.
+job that failed (no results, an `error` entry: embedkit/recipes/recovery.py `guarded`, or a
+results.json that cannot be read or parsed) shows up as a row with its error instead of hiding
+the others, and the sweep exits non-zero at the end. `python -m embedkit.reporting.sweep
+<sweep_dir>` rebuilds the table by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def job_overrides(job: Path) -> list[str]:
     import yaml
 
     path = job / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(path.read_text(encoding="utf-8")) or []) if path.exists() else []
+    found = list(yaml.safe_load(path.read_text(encoding="utf-8")) or []) if path.exists() else []
+    return [o for o in found if not str(o).startswith("resume=")]   # how it ran, not what
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -37,7 +40,28 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         label = ",".join(o for o in overrides[job] if o not in common) or job.name
         results = job / "results.json"
         if results.exists():
-            rows.append(row_from_results(label, json.loads(results.read_text(encoding="utf-8"))))
+            try:
+                content = json.loads(results.read_text(encoding="utf-8"))
+                if not isinstance(content, dict):
+                    raise ValueError(f"expected a JSON object, got {type(content).__name__}")
+            except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError too
+                # One damaged file costs its own row, not the table of every other job.
+                log.warning("%s is unreadable (%s); the sweep table shows it as failed", results, err)
+                rows.append({"label": label,
+                             "error": f"unreadable results.json: {job.name}/results.json ({err})"})
+                continue
+            later = job / "error.json"
+            if later.exists() and later.stat().st_mtime >= results.stat().st_mtime:
+                # A later attempt failed (e.g. a resume refused on changed settings); the finished
+                # results.json was kept (embedkit/recipes/recovery.py guarded).
+                try:
+                    error = json.loads(later.read_text(encoding="utf-8")).get("error", "?")
+                except (OSError, ValueError) as err:
+                    error = f"unreadable error.json ({err})"
+                rows.append({"label": label, "error": f"{error} (its results.json from an earlier "
+                                                      f"attempt is kept)"})
+                continue
+            rows.append(row_from_results(label, content))
         else:
             rows.append({"label": label, "error": f"no results.json in {job.name}/: the job failed or is still running"})
     return rows

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from embedkit.atomic_files import write_text_atomic
+
 COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
 # C-Pack's tables spell the re-ranking column "Re-rank"; the data files use ours.
 
@@ -69,13 +71,14 @@ def read_paper_table(path: str | Path) -> tuple[str, list[dict]]:
 
 
 def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str = "table") -> str:
+    """`<stem>.md`, `.csv` and `.json` in `out_dir`, each written atomically: a kill mid-write
+    leaves that file as it was (embedkit/atomic_files.py). Returns the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows, first)
-    (out / f"{stem}.md").write_text(markdown + "\n", encoding="utf-8")
-    (out / f"{stem}.csv").write_text(to_csv(rows, first), encoding="utf-8")
-    (out / f"{stem}.json").write_text(json.dumps(list(rows), indent=2, ensure_ascii=False),
-                                      encoding="utf-8")
+    write_text_atomic(out / f"{stem}.md", markdown + "\n")
+    write_text_atomic(out / f"{stem}.csv", to_csv(rows, first))
+    write_text_atomic(out / f"{stem}.json", json.dumps(list(rows), indent=2, ensure_ascii=False))
     return markdown
 
 
