@@ -22,7 +22,7 @@ def register_resolvers() -> None:
 
             return resolve(str(base), str(fresh), resume)
 
-        OmegaConf.register_new_resolver("embedkit_run_dir", run_dir)
+        OmegaConf.register_new_resolver("embedkit_run_dir", run_dir, use_cache=True)
     # `${embedkit_job_subdir:${hydra.sweep.dir},${hydra.job.num},${hydra.overrides.task}}`: a sweep
     # job's folder, found by its overrides (a resumed sweep's jobs land where they ran before).
     if not OmegaConf.has_resolver("embedkit_job_subdir"):
