@@ -107,6 +107,7 @@ def test_model_hf_config_builds_from_a_local_checkpoint(tmp_path):
     assert encoder.pooling == "cls" and encoder.dim == 32
     assert (tmp_path / "run_tok" / "tokenizer_config.json").exists()
     emb = encoder.encode(["检索测试", "模型"])
+    # A float32 unit vector: 32 squares, rounded to ≤ 32·eps32 = 4e-6; unnormalised it is far off 1.
     assert emb.shape == (2, 32) and abs(float((emb[0] ** 2).sum()) - 1) < 1e-5
 
 

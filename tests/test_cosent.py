@@ -15,6 +15,8 @@ from embedkit.models.build import tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT, cosent_loss
 
+from _numerics import RTOL64, assert_close_scaled, scale_of
+
 DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "zh-mini"))
 
@@ -22,8 +24,8 @@ DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR",
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _vectors(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+def _vectors(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def _pairs_with_cosines(cosines):
@@ -42,24 +44,30 @@ def _pairs_with_cosines(cosines):
 def test_equals_sentence_transformers_cosent(scale, seed):
     from sentence_transformers.sentence_transformer.losses import CoSENTLoss
 
+    # Equal by construction: compared in float64 (tests/_numerics.py).
     B, D = 16, 24
-    u, v = _vectors(B, D, seed=seed), _vectors(B, D, seed=seed + 100)
+    u = _vectors(B, D, seed=seed, dtype=torch.float64)
+    v = _vectors(B, D, seed=seed + 100, dtype=torch.float64)
     # Integer STS-like scores: plenty of ties.
     labels = torch.randint(0, 6, (B,), generator=torch.Generator().manual_seed(seed)).float()
     ours = cosent_loss(u, v, labels, scale=scale)
     theirs = CoSENTLoss(model=None, scale=scale).compute_loss_from_embeddings([u, v], labels)
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours.item(), theirs.item())
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_close_scaled(ours, theirs, RTOL64)
 
 
 def test_gradients_equal_sentence_transformers():
     from sentence_transformers.sentence_transformer.losses import CoSENTLoss
 
-    u1, v1 = _vectors(10, 8, seed=3).requires_grad_(), _vectors(10, 8, seed=4).requires_grad_()
+    u1 = _vectors(10, 8, seed=3, dtype=torch.float64).requires_grad_()
+    v1 = _vectors(10, 8, seed=4, dtype=torch.float64).requires_grad_()
     u2, v2 = u1.detach().clone().requires_grad_(), v1.detach().clone().requires_grad_()
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 5, 3, 1, 0], dtype=torch.float32)
     cosent_loss(u1, v1, labels).backward()
     CoSENTLoss(model=None).compute_loss_from_embeddings([u2, v2], labels).backward()
-    assert torch.allclose(u1.grad, u2.grad, atol=1e-5) and torch.allclose(v1.grad, v2.grad, atol=1e-5)
+    scale = scale_of(u2.grad, v2.grad)
+    assert_close_scaled(u1.grad, u2.grad, RTOL64, scale=scale, what="u")
+    assert_close_scaled(v1.grad, v2.grad, RTOL64, scale=scale, what="v")
 
 
 def test_worked_case_by_hand():
@@ -68,10 +76,12 @@ def test_worked_case_by_hand():
     #   (0, 1): exp(20·0.3) = e^6   (mis-ordered: pair 1 scores above pair 0)
     #   (0, 2): exp(20·(−0.5)) = e^−10
     #   (1, 2): exp(20·(−0.8)) = e^−16
+    # float64 (_pairs_with_cosines): rounding ~1e-15, so rel 1e-12 sees even the e^−16 term,
+    # which moves the loss by 5e-11 relative (at rel 1e-6 it could be missing).
     u, v = _pairs_with_cosines([0.5, 0.8, 0.0])
     expected = math.log(1 + math.exp(6) + math.exp(-10) + math.exp(-16))
     loss = cosent_loss(u, v, torch.tensor([2.0, 1.0, 0.0]), scale=20.0)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_ties_contribute_nothing():
@@ -82,12 +92,13 @@ def test_ties_contribute_nothing():
     # Pairs 0 and 1 tie: only (0, 2) and (1, 2) count, whatever the tied pairs' own order.
     labels = torch.tensor([1.0, 1.0, 0.0])
     tied = cosent_loss(*_pairs_with_cosines([0.5, 0.8, 0.45]), labels, scale=20.0)
-    assert tied.item() == pytest.approx(math.log(1 + math.exp(-1) + math.exp(-7)), rel=1e-6)
+    # float64, as in the worked case: rel 1e-12 (the e^−7 term is 4e-7 of the `ordered` loss).
+    assert tied.item() == pytest.approx(math.log(1 + math.exp(-1) + math.exp(-7)), rel=1e-12)
     swapped = cosent_loss(*_pairs_with_cosines([0.8, 0.5, 0.45]), labels, scale=20.0)
-    assert swapped.item() == pytest.approx(tied.item(), rel=1e-6)
+    assert swapped.item() == pytest.approx(tied.item(), rel=1e-12)
     # The same cosines with 0 above 1 add the (0, 1) term e^{20·0.3} = e^6.
     ordered = cosent_loss(*_pairs_with_cosines([0.5, 0.8, 0.45]), torch.tensor([2.0, 1.0, 0.0]))
-    assert ordered.item() == pytest.approx(math.log(1 + math.exp(6) + math.exp(-1) + math.exp(-7)), rel=1e-6)
+    assert ordered.item() == pytest.approx(math.log(1 + math.exp(6) + math.exp(-1) + math.exp(-7)), rel=1e-12)
 
 
 def test_invariant_to_monotone_label_rescaling():
@@ -96,16 +107,17 @@ def test_invariant_to_monotone_label_rescaling():
     base = cosent_loss(u, v, labels)
     for transform in (lambda y: y / 5, lambda y: 3 * y - 7, lambda y: y ** 3, torch.exp,
                       lambda y: torch.sigmoid(y - 2)):
-        assert torch.allclose(cosent_loss(u, v, transform(labels)), base, atol=1e-6)
+        # Labels only choose the mask: the same kernels on the same scores and mask, bitwise.
+        assert torch.equal(cosent_loss(u, v, transform(labels)), base)
     # A decreasing map reverses the order and changes the loss.
     assert not torch.allclose(cosent_loss(u, v, -labels), base)
 
 
 def test_scale_invariant_cosine_and_dtype():
-    u, v = _vectors(8, 16, seed=7), _vectors(8, 16, seed=8)
+    u, v = _vectors(8, 16, seed=7, dtype=torch.float64), _vectors(8, 16, seed=8, dtype=torch.float64)
     labels = torch.arange(8.0)
     base = cosent_loss(u, v, labels)
-    assert torch.allclose(cosent_loss(3 * u, 0.1 * v, labels), base, atol=1e-5)   # cosine, not dot
+    assert_close_scaled(cosent_loss(3 * u, 0.1 * v, labels), base, RTOL64)   # cosine, not dot (float64)
     assert cosent_loss(u.half(), v.half(), labels).dtype == torch.float32
 
 

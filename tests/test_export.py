@@ -17,6 +17,7 @@ from embedkit.models.export import export_sentence_transformers
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
 from conftest import DATA
+from _numerics import RTOL32, assert_close_scaled
 
 TEXTS = ["今天天气很好", "我们去公园散步吧", "人民日报一九九八年新年献词", "好", "embedding 模型 BGE",
          "一个女人在弹吉他。", "一个戴着安全帽的男人在跳舞，他跳得很好，旁边还有很多人在看。"]
@@ -71,7 +72,9 @@ def test_sentence_transformers_gives_the_same_embeddings(tokenizer, tmp_path, po
     theirs = model.encode(TEXTS, convert_to_numpy=True, batch_size=3)
     ours = encoder.encode(TEXTS)
     assert theirs.shape == ours.shape == (len(TEXTS), projection_dim or 32)
-    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    # Two pipelines (padding, batching, kernels) in float32: relative to the embeddings' scale,
+    # which the unnormalised projection sets (tests/_numerics.py).
+    assert_close_scaled(theirs, ours, RTOL32)
     # embedkit reads the same folder back
     np.testing.assert_allclose(load_encoder(out).encode(TEXTS), ours, atol=1e-6)
 
@@ -97,7 +100,7 @@ def test_long_inputs_are_cut_at_the_same_length(tokenizer, tmp_path):
     out = export_sentence_transformers(encoder, tmp_path / "model")
     model = _sentence_transformer(out)
     assert model.max_seq_length == 8
-    np.testing.assert_allclose(model.encode(TEXTS, convert_to_numpy=True), encoder.encode(TEXTS), atol=1e-5)
+    assert_close_scaled(model.encode(TEXTS, convert_to_numpy=True), encoder.encode(TEXTS), RTOL32)
 
 
 def test_re_export_without_projection_drops_the_stale_dense_module(tokenizer, tmp_path):
@@ -106,8 +109,8 @@ def test_re_export_without_projection_drops_the_stale_dense_module(tokenizer, tm
     out = export_sentence_transformers(plain, tmp_path / "model")
     assert not (out / "2_Dense").exists() and not (out / "projection.safetensors").exists()
     assert not (out / "3_Normalize").exists() and (out / "2_Normalize").is_dir()
-    np.testing.assert_allclose(_sentence_transformer(out).encode(TEXTS, convert_to_numpy=True),
-                               plain.encode(TEXTS), atol=1e-5)
+    assert_close_scaled(_sentence_transformer(out).encode(TEXTS, convert_to_numpy=True),
+                        plain.encode(TEXTS), RTOL32)
 
 
 def test_export_refuses_what_is_not_a_text_encoder(tokenizer, tmp_path):
@@ -152,7 +155,13 @@ def test_mteb_scores_the_exported_folder_as_embedkit_scores_the_encoder(tokenize
         theirs = evaluate_tasks(wrapper, suite.tasks(), tmp_path / "theirs", batch_size=32,
                                 show_progress=False)
     assert set(ours["tasks"]) == set(theirs["tasks"]) == {"STSB"}
-    assert theirs["tasks"]["STSB"] == pytest.approx(ours["tasks"]["STSB"], abs=1e-6)
+    # The embeddings agree to float32 rounding, but Spearman is rank-based: pairs whose cosines
+    # are within rounding of each other (here three pairs of identical sentences, cos = 1 ± 1 ulp)
+    # may come in either order on another CPU, and each swap moves the score by up to
+    # 100·12/(n(n+1)) points (0.19 at n = 80). Two swaps allowed; a wrong pooling or a lost
+    # projection moves it by 9-14 points.
+    swap = 100 * 12 / (STS_ROWS * (STS_ROWS + 1))
+    assert theirs["tasks"]["STSB"] == pytest.approx(ours["tasks"]["STSB"], abs=2 * swap)
     assert ours["tasks"]["STSB"] != 0.0, ours
 
 
@@ -195,5 +204,5 @@ def test_recipe_stage_folder_loads_in_sentence_transformers_and_keeps_m3_heads(t
     assert heads.has_sparse and heads.has_multivec
     expected = module.encoder.encode(TEXTS)
     np.testing.assert_allclose(encoder.encode(TEXTS), expected, atol=1e-6)
-    np.testing.assert_allclose(_sentence_transformer(folder).encode(TEXTS, convert_to_numpy=True),
-                               expected, atol=1e-5)
+    assert_close_scaled(_sentence_transformer(folder).encode(TEXTS, convert_to_numpy=True),
+                        expected, RTOL32)

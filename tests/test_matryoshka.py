@@ -16,6 +16,8 @@ from embedkit.objectives.cosent import CoSENT, cosent_loss
 from embedkit.objectives.infonce import InfoNCE, info_nce_loss
 from embedkit.objectives.matryoshka import Matryoshka, TruncatedEncoder, truncate
 
+from _numerics import RTOL32, RTOL64, assert_close_scaled
+
 TEXTS = ["今天天气很好", "我们去公园散步吧", "人民日报一九九八年新年献词", "好", "embedding 模型 BGE",
          "北京是中国的首都", "上海在长江口"]
 
@@ -34,8 +36,9 @@ def _encoder(tokenizer, **kw):
     return tiny_zh_encoder(tokenizer, **{**args, **kw})
 
 
-def _vectors(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+def _vectors(*shape, seed=0, dtype=torch.float64):
+    """float64 by default: the loss tests compare equal computations (tests/_numerics.py)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 class _FixedEncoder(nn.Module):
@@ -87,7 +90,8 @@ def test_equals_sentence_transformers_matryoshka_around_mnrl(group_size, weights
     columns = [{"emb": q}] + [{"emb": p.view(B, group_size, D)[:, j]} for j in range(group_size)]
     theirs = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=1 / temperature),
                             matryoshka_dims=dims, matryoshka_weights=weights)(columns, labels=None)
-    assert torch.allclose(loss, theirs, atol=1e-5), (loss.item(), theirs.item())
+    assert loss.dtype == theirs.dtype == torch.float64
+    assert_close_scaled(loss, theirs, RTOL64)
     assert model.calls == 1 + group_size          # ST's own caching: one forward per column
 
 
@@ -104,7 +108,8 @@ def test_equals_sentence_transformers_matryoshka_around_cosent():
     model = _ColumnModel(D)
     theirs = MatryoshkaLoss(model, CoSENTLoss(model, scale=20.0), dims, weights)(
         [{"emb": u}, {"emb": v}], labels)
-    assert torch.allclose(loss, theirs, atol=1e-5), (loss.item(), theirs.item())
+    assert loss.dtype == theirs.dtype == torch.float64
+    assert_close_scaled(loss, theirs, RTOL64)
 
 
 def test_loss_is_the_weighted_sum_of_inner_losses_on_truncated_embeddings():
@@ -116,12 +121,12 @@ def test_loss_is_the_weighted_sum_of_inner_losses_on_truncated_embeddings():
     loss = mrl.loss_from_embeddings({"query": q, "passages": p}, None)
     expected = sum(w * info_nce_loss(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), 0.1)
                    for d, w in zip(dims, weights))
-    assert torch.allclose(loss, expected, atol=1e-6)
+    assert_close_scaled(loss, expected, RTOL64)
     # A zero weight removes that width entirely; default weights are all 1.
     only_8 = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=0.1, train_group_size=2),
                         dims=dims, weights=[0.0, 1.0, 0.0])
-    assert torch.allclose(only_8.loss_from_embeddings({"query": q, "passages": p}, None),
-                          info_nce_loss(truncate(q, 8), truncate(p, 8), 0.1), atol=1e-6)
+    assert_close_scaled(only_8.loss_from_embeddings({"query": q, "passages": p}, None),
+                        info_nce_loss(truncate(q, 8), truncate(p, 8), 0.1), RTOL64)
     assert Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE), dims=dims).weights == [1.0] * 3
 
 
@@ -133,7 +138,7 @@ def test_gradients_of_every_width_reach_the_full_embedding():
     mrl.loss_from_embeddings({"sentence1": u, "sentence2": v}, {"labels": labels}).backward()
     u2 = u.detach().clone().requires_grad_()
     (cosent_loss(u2, v, labels) + cosent_loss(truncate(u2, 4), truncate(v, 4), labels)).backward()
-    assert torch.allclose(u.grad, u2.grad, atol=1e-6)
+    assert_close_scaled(u.grad, u2.grad, RTOL64)
     assert u.grad[:, 4:].abs().sum() > 0 and u.grad[:, :4].abs().sum() > 0
 
 
@@ -230,7 +235,7 @@ def test_projection_head_widens_the_output_and_survives_save_and_load(tokenizer,
     assert encoder.dim == 48
     emb = encoder.encode(TEXTS)
     assert emb.shape == (len(TEXTS), 48)
-    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)   # float32: ≤ 48·eps32 = 6e-6
     with torch.no_grad():
         encoder.projection.weight.mul_(3.0)            # make sure trained weights, not init, come back
     emb = encoder.encode(TEXTS)
@@ -281,7 +286,7 @@ def test_eval_targets_give_one_truncated_unit_norm_encoder_per_dim(tokenizer):
             assert out.shape == (len(TEXTS), d) and out.dtype == np.float32
             assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
             expected = full[:, :d] / np.linalg.norm(full[:, :d], axis=1, keepdims=True)
-            assert np.allclose(out, expected, atol=1e-5)
+            assert_close_scaled(out, expected, RTOL32)
     finally:
         encoder.encode = original
     # The views share full-width embeddings: the texts were encoded once for all three widths.

@@ -14,6 +14,8 @@ from embedkit.objectives.cosent import CoSENT, cosent_loss
 from embedkit.objectives.infonce import InfoNCE, info_nce_loss
 from embedkit.objectives.multitask import MultiTask
 
+from _numerics import RTOL64
+
 RETRIEVAL = [{"query": f"问{i}", "pos": [f"答{i}甲"], "neg": [f"错{i}乙", f"错{i}丙", f"错{i}丁", f"错{i}戊"]}
              for i in range(12)]
 STS = [{"sentence1": f"句{i}一", "sentence2": f"句{i}二", "score": float(i % 6)} for i in range(20)]
@@ -69,7 +71,8 @@ def _module(tokenizer, **kw):
 
 
 def test_the_cbb_loss_is_the_sum_of_the_task_losses(tokenizer):
-    module = _module(tokenizer, weights={"sts": 0.5})
+    # An exactness claim: in float64, equal to rounding (tests/_numerics.py).
+    module = _module(tokenizer, weights={"sts": 0.5}).double()
     batch = _first_batch(tokenizer)
     emb = module.embed(batch)
     total = module.loss_from_embeddings(emb, batch)
@@ -77,17 +80,18 @@ def test_the_cbb_loss_is_the_sum_of_the_task_losses(tokenizer):
     q, p = enc(**batch["retrieval"]["query"]), enc(**batch["retrieval"]["passages"])
     u, v = enc(**batch["sts"]["sentence1"]), enc(**batch["sts"]["sentence2"])
     expected = info_nce_loss(q, p, 0.05) + 0.5 * cosent_loss(u, v, batch["sts"]["labels"], 20.0)
-    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    assert total.dtype == torch.float64
+    assert float(total) == pytest.approx(float(expected), rel=RTOL64)
     # a sequential step holds one task: its loss alone
     only = {"sts": batch["sts"]}
     assert float(module.loss_from_embeddings(module.embed(only), only)) == pytest.approx(
-        float(0.5 * cosent_loss(u, v, batch["sts"]["labels"], 20.0)), rel=1e-5)
+        float(0.5 * cosent_loss(u, v, batch["sts"]["labels"], 20.0)), rel=RTOL64)
 
 
 def test_retrieval_shards_share_queries_and_positives_with_their_own_negatives():
     torch.manual_seed(0)
-    q = F.normalize(torch.randn(3, 8), dim=-1)
-    p = F.normalize(torch.randn(3 * 5, 8), dim=-1)             # per query: pos + 4 negatives
+    q = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1)   # float64: as above
+    p = F.normalize(torch.randn(3 * 5, 8, dtype=torch.float64), dim=-1)   # per query: pos + 4 negatives
     module = MultiTask.__new__(MultiTask)
     torch.nn.Module.__init__(module)
     module.tasks = torch.nn.ModuleDict({"retrieval": InfoNCE(None, temperature=0.05)})
@@ -97,7 +101,7 @@ def test_retrieval_shards_share_queries_and_positives_with_their_own_negatives()
     shard0 = torch.cat([g[:, :1], g[:, 1:3]], 1).reshape(-1, 8)   # pos, neg1, neg2
     shard1 = torch.cat([g[:, :1], g[:, 3:5]], 1).reshape(-1, 8)   # pos, neg3, neg4
     expected = (info_nce_loss(q, shard0, 0.05) + info_nce_loss(q, shard1, 0.05)) / 2
-    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(got) == pytest.approx(float(expected), rel=RTOL64)
     module.retrieval_shards = 3
     with pytest.raises(ValueError, match="shards"):
         module.task_loss("retrieval", {"query": q, "passages": p}, None)

@@ -1,5 +1,6 @@
 """RetroMAE: encoder/decoder masking, the enhanced decoder's visibility rule, the loss, training, saving."""
 
+import copy
 import math
 
 import numpy as np
@@ -12,6 +13,8 @@ from embedkit.data.mlm import MLMCollator, MLMDataModule, word_ids
 from embedkit.models.build import load_encoder, tiny_zh_encoder
 from embedkit.models.vocab import SPECIAL_TOKENS, build_char_vocab, save_tokenizer
 from embedkit.objectives.retromae import DECODER_DIR, RetroMAE
+
+from _numerics import RTOL64, assert_close_scaled
 
 WORDPIECE_VOCAB = SPECIAL_TOKENS + ["the", "cat", "play", "##ing", "un", "##believ", "##able", "dog",
                                     "run", "##s", "##ning", "a", "big", "##ger", "read", "##er"]
@@ -208,6 +211,12 @@ def model(zh_tok):
 
 
 @pytest.fixture(scope="module")
+def model64(model):
+    """The same model in float64, for the tests that compare equal computations (tests/_numerics.py)."""
+    return copy.deepcopy(model).double()
+
+
+@pytest.fixture(scope="module")
 def batch(pd_rows, zh_tok):
     dm = _module(pd_rows[:16], zh_tok, max_len=48)
     return dm.collator([dm.dataset[(i, 0)] for i in range(8)])
@@ -220,32 +229,41 @@ def _ce_by_hand(logits, labels):
     return -(picked * keep).sum() / keep.sum()
 
 
-def test_loss_is_encoder_mlm_plus_decoder_reconstruction(model, batch):
+def test_loss_is_encoder_mlm_plus_decoder_reconstruction(model64, batch):
+    model = model64
     with torch.no_grad():
         parts = model.loss_parts(model.embed(batch), batch)
         out = model(batch)
         total = model.loss_from_embeddings(model.embed(batch), batch)
     enc = _ce_by_hand(out["encoder_logits"], batch["labels"])
     dec = _ce_by_hand(out["decoder_logits"], batch["decoder_labels"])
-    assert parts["encoder_mlm_loss"].item() == pytest.approx(enc.item(), rel=1e-5)
-    assert parts["decoder_loss"].item() == pytest.approx(dec.item(), rel=1e-5)
-    assert total.item() == pytest.approx(enc.item() + dec.item(), rel=1e-5)
+    assert total.dtype == torch.float64
+    assert parts["encoder_mlm_loss"].item() == pytest.approx(enc.item(), rel=RTOL64)
+    assert parts["decoder_loss"].item() == pytest.approx(dec.item(), rel=RTOL64)
+    assert total.item() == pytest.approx(enc.item() + dec.item(), rel=RTOL64)
     # a fresh model is near the uniform-distribution loss
     assert dec.item() == pytest.approx(math.log(model.mlm_head.bias.numel()), rel=0.15)
 
 
-def test_mlm_head_is_tied_to_the_word_embeddings(model):
+def test_mlm_head_is_tied_to_the_word_embeddings(model, model64):
     emb = model.encoder.backbone.embeddings.word_embeddings.weight
-    h = torch.randn(3, emb.shape[1])
-    t = model.mlm_head
-    want = t.LayerNorm(F.gelu(t.dense(h))) @ emb.T + t.bias
-    assert torch.allclose(model.mlm_logits(h), want, atol=1e-5)
     names = [n for n, _ in model.named_parameters()]
     assert sum(p is emb for p in model.parameters()) == 1 and len(names) == len(set(names))
+    # The logits against a recomputation, in float64 (the deep copy keeps the tie).
+    model = model64
+    emb = model.encoder.backbone.embeddings.word_embeddings.weight
+    assert sum(p is emb for p in model.parameters()) == 1
+    h = torch.randn(3, emb.shape[1], dtype=torch.float64)
+    t = model.mlm_head
+    want = t.LayerNorm(F.gelu(t.dense(h))) @ emb.T + t.bias
+    with torch.no_grad():
+        assert_close_scaled(model.mlm_logits(h), want, RTOL64)
 
 
-def test_decoder_layer_matches_a_naive_recomputation(model, batch):
-    """Per row and head: softmax over the visible keys only, Q from the query stream, K/V from h + tokens."""
+def test_decoder_layer_matches_a_naive_recomputation(model64, batch):
+    """Per row and head: softmax over the visible keys only, Q from the query stream, K/V from h + tokens.
+    In float64: the same function by two summation orders."""
+    model = model64
     k = 0
     n = int(batch["attention_mask"][k].sum())
     ids, A = batch["decoder_input_ids"][k:k + 1, :n], batch["decoder_attention"][k:k + 1, :n, :n]
@@ -259,7 +277,7 @@ def test_decoder_layer_matches_a_naive_recomputation(model, batch):
         qs = h + emb.position_embeddings(torch.arange(n))
         d = model.decoder
         heads, hd = d.num_heads, d.head_dim
-        out = torch.empty(n, qs.shape[1])
+        out = torch.empty(n, qs.shape[1], dtype=qs.dtype)
         for i in range(n):
             vis = torch.nonzero(A[0, i]).flatten()
             ctx = []
@@ -271,7 +289,8 @@ def test_decoder_layer_matches_a_naive_recomputation(model, batch):
                 ctx.append(w @ vals)
             a = d.attention_LayerNorm(d.attention_output(torch.cat(ctx)) + qs[i])
             out[i] = d.output_LayerNorm(d.output(F.gelu(d.intermediate(a))) + a)
-    assert torch.allclose(got, out, atol=1e-4)
+    assert got.dtype == torch.float64
+    assert_close_scaled(got, out, RTOL64)
 
 
 def test_decoder_never_lets_position_i_see_token_i(model, batch):
@@ -285,6 +304,8 @@ def test_decoder_never_lets_position_i_see_token_i(model, batch):
             changed = ids.clone()
             changed[k, i] = ids[k, i] + 1 if ids[k, i] + 1 < len(model.mlm_head.bias) else 5
             new = model.mlm_logits(model.decoder_hidden(h, changed, A))
+            # A hidden key gets weight exp(finfo.min) = 0 exactly, so the hidden rows' logits do
+            # not move at all (< 1e-5 is a margin over 0); a visible token moves them by ≫ 1e-6.
             diff = (new[k, :n] - base[k, :n]).abs().amax(-1)
             assert diff[i] < 1e-5, f"row {i} depends on its own token"
             sees = A[k, :n, i]

@@ -177,8 +177,9 @@ class GradCache:
             with context_for(i == len(chunks) - 1), state.replay():
                 out = module.embed_tokens(side, features)
                 # Keys are per column (query, passages_sparse, ...), so rows a:b of the cached
-                # gradient are this chunk's.
-                terms = [(value.float() * grads[key][a:b].float()).sum()
+                # gradient are this chunk's. The surrogate is formed in float32 at least (bf16 /
+                # fp16 under AMP), never below the embeddings' dtype (a float64 model stays exact).
+                terms = [_surrogate(value, grads[key][a:b])
                          for key, value in out.items() if grads.get(key) is not None]
                 if not terms:   # nothing to send back, but a DDP step still needs its backward
                     terms = [sum(v.float().sum() for v in out.values() if v.is_floating_point()) * 0.0]
@@ -239,6 +240,12 @@ class GradCache:
             if scheduler is not None:
                 scheduler.step()
         return loss.detach()
+
+
+def _surrogate(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """⟨value, grad⟩, whose gradient with respect to value is grad."""
+    dtype = torch.promote_types(torch.promote_types(value.dtype, grad.dtype), torch.float32)
+    return (value.to(dtype) * grad.to(dtype)).sum()
 
 
 def _ddp_module(trainer):

@@ -102,7 +102,7 @@ class InfoNCE(EmbeddingObjective):
             raise ValueError(f"{p.shape[0]} passages do not split into groups for {q.shape[0]} queries")
         n, group = q.shape[0], p.shape[0] // q.shape[0]
         grad_q = torch.empty_like(q)
-        total = q.new_zeros((), dtype=torch.float32)
+        total = q.new_zeros((), dtype=torch.promote_types(q.dtype, torch.float32))  # bf16: sum in float32
         for a in range(0, n, rows):
             block = q[a:a + rows].requires_grad_()
             with torch.enable_grad():
@@ -110,7 +110,7 @@ class InfoNCE(EmbeddingObjective):
                 loss = F.cross_entropy(block @ p.T / self.temperature, target, reduction="sum") / n
                 (loss * scale).backward()
             grad_q[a:a + block.shape[0]] = block.grad
-            total = total + loss.detach().float()
+            total = total + loss.detach().to(total.dtype)
         return total, {"query": grad_q, "passages": p.grad}
 
     def log_extras(self, embeddings, batch) -> None:
