@@ -110,8 +110,9 @@ def test_the_skip_count_reaches_results_json_through_the_recipe(tmp_path, monkey
 
     bundle = _bundle(tmp_path)
     module = SimpleNamespace(eval_targets=lambda: {"": {"encoder": None}})
-    trainer = SimpleNamespace(global_step=3, callback_metrics={})
-    monkeypatch.setattr(recipe, "train_stage", lambda *a, **k: (module, trainer, False, 0.1))
+    monkeypatch.setattr(recipe, "train_stage", lambda *a, **k: {
+        "module": module, "logger": False, "seconds": 0.1,
+        "record": {"steps": 3, "final_train_loss": None, "training": None}})
     cfg = OmegaConf.create({"experiment_name": "bad", "scale": {"name": "mini"}, "seed": 0,
                             "model": {"init_from": None}, "data": _data_cfg(bundle, "skip"),
                             "objective": {}, "trainer": {}, "logger": None, "eval": {}})

@@ -193,8 +193,9 @@ def test_recipe_stage_folder_loads_in_sentence_transformers_and_keeps_m3_heads(t
                     "enable_model_summary": False, "default_root_dir": str(tmp_path)},
         "logger": None,
     })
-    module, trainer, _, _ = train_stage(cfg, "m3-export", tokenizer, rows, tmp_path / "stage")
-    assert trainer.global_step == 2
+    stage = train_stage(cfg, "m3-export", tokenizer, rows, tmp_path / "stage")
+    module = stage["module"]
+    assert stage["record"]["steps"] == 2 and stage["record"]["training"]["batches"] == 2
     folder = tmp_path / "stage" / "model"
     assert (folder / "modules.json").exists() and (folder / "m3_heads.safetensors").exists()
 

@@ -276,8 +276,9 @@ def test_results_json_holds_no_secrets(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
     module = SimpleNamespace(eval_targets=lambda: {"": {"encoder": None}})
-    trainer = SimpleNamespace(global_step=3, callback_metrics={})
-    monkeypatch.setattr(recipe, "train_stage", lambda *a, **k: (module, trainer, False, 0.1))
+    monkeypatch.setattr(recipe, "train_stage", lambda *a, **k: {
+        "module": module, "logger": False, "seconds": 0.1,
+        "record": {"steps": 3, "final_train_loss": None, "training": None}})
     examples = SimpleNamespace(get=lambda data_cfg: ([], []), bad_rows=lambda data_cfg: {})
     cfg = OmegaConf.create({"experiment_name": "secrets", "scale": {"name": "mini"}, "seed": 0,
                             "model": {"init_from": None}, "data": {}, "objective": {}, "trainer": {},
