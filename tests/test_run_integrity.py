@@ -344,3 +344,24 @@ def test_the_sweep_table_shows_a_later_failure_beside_a_kept_result(tmp_path):
     assert set(rows) == {"data.batch_size=16", "data.batch_size=32"}   # resume= is no label
     assert "SettingsChanged" in rows["data.batch_size=16"]["error"] and "kept" in rows["data.batch_size=16"]["error"]
     assert rows["data.batch_size=32"]["Avg"] == 2.0
+
+
+def test_a_folder_given_by_hand_is_refused_while_a_live_run_writes_it(tmp_path):
+    folder = tmp_path / "reproduce" / "mrl_dims"
+    folder.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from embedkit.recipes.recovery import claim
+        claim(Path({str(folder)!r}))
+        print("claimed", flush=True)
+        time.sleep(60)
+    """)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "claimed"
+        with pytest.raises(FolderInUse, match="two runs must not share a folder"):
+            recovery.claim(folder)
+    finally:
+        writer.kill()
+        writer.wait()
+    recovery.claim(folder)   # the writer is gone: its lock is stale

@@ -181,6 +181,17 @@ def acquire(folder: Path) -> bool:
     return True
 
 
+def claim(folder: Path) -> None:
+    """Hold `folder` for this run (also one given as hydra.run.dir, which no resolver locked), or
+    stop if a live process is writing it. Ranks above 0 share rank 0's folder and take no lock."""
+    if _is_follower_rank():
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if not acquire(Path(folder)):
+        raise FolderInUse(f"{folder} is being written by {live_owner(Path(folder))}; two runs must not "
+                          f"share a folder. Wait for it, or delete {Path(folder) / LOCK} if that run is gone")
+
+
 @atexit.register
 def release_locks() -> None:
     for lock in list(_held):

@@ -33,7 +33,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from embedkit.recipes.recovery import check_settings, finished_results, inside, variant_results
+from embedkit.recipes.recovery import check_settings, claim, finished_results, inside, variant_results
 from embedkit.redact import redact, redact_text, write_json
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ def run(cfg: DictConfig) -> float | None:
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
 
     out_dir = Path(cfg.paths.output_dir)
+    claim(out_dir)   # a live run writing this folder (e.g. the same hydra.run.dir) stops this one
     rows = ablation_rows(cfg)
     suite = instantiate(cfg.eval)
     preflight(cfg, rows, suite)   # config types, widths, folders, eval data: before any data is read
