@@ -38,23 +38,25 @@ test: install
 # logs/reproduce/<experiment>/, so a re-run skips experiments whose table.json exists and, inside an
 # interrupted one, keeps finished rows and stages and continues the interrupted stage from its
 # checkpoint (README "When things go wrong"). CSV logs: the notebooks read the loss curves from them.
-REPRODUCE      ?= bge_ablation_batchsize bge_ablation_recipe m3_ablation_selfdistill mrl_dims conan_ablation
+# The list comes from the experiment configs: each conf/experiment/*.yaml with `report.reproduce:
+# true`, in `report.order` (`python -m embedkit.reporting.experiments show`); `make reproduce
+# REPRODUCE="mrl_dims"` runs only that one. Experiment configs kept outside conf/:
+# EXTRA_CONF="dir ..." (each holding experiment/*.yaml; put on Hydra's search path).
+EXTRA_CONF     ?=
+CONF_ARGS      := $(foreach d,$(EXTRA_CONF),--extra-config-dir $(abspath $(d)))
+REPRODUCE      ?= $(shell $(PY) -m embedkit.reporting.experiments $(CONF_ARGS) list --reproduce)
 REPRODUCE_ARGS ?= logger=csv
 reproduce: install
-	@for exp in $(REPRODUCE); do \
-	  dir=logs/reproduce/$$exp; \
-	  if [ -f $$dir/table.json ] && ! grep -q '"error"' $$dir/table.json; then echo "$$exp: done in $$dir, kept"; continue; fi; \
-	  echo "$$exp: running in $$dir"; \
-	  $(PY) run.py +experiment=$$exp hydra.run.dir=$$dir $(REPRODUCE_ARGS) || exit $$?; \
-	done
+	$(PY) -m embedkit.reporting.experiments $(CONF_ARGS) reproduce --logs logs $(REPRODUCE) -- $(REPRODUCE_ARGS)
 	$(MAKE) plots report
 
-# experiments/*/RESULTS.md from the newest finished runs under logs/.
+# The PNGs of the notebooks each experiment config lists (report.plots), from logs/reproduce/.
 plots: install
-	$(PY) -m embedkit.reporting.plots --runs logs/reproduce --out experiments
+	$(PY) -m embedkit.reporting.plots --runs logs/reproduce --out experiments $(CONF_ARGS)
 
+# experiments/*/RESULTS.md from the newest finished runs under logs/.
 report: install
-	$(PY) -m embedkit.reporting.report --runs logs --out experiments
+	$(PY) -m embedkit.reporting.report --runs logs --out experiments $(CONF_ARGS)
 
 # Speed and memory targets (never timed tests): writes benchmarks/RESULTS.md (~20 min on 2 cores).
 bench: install

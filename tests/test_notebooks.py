@@ -33,6 +33,9 @@ def _kernel_manager(tmp_path: Path) -> KernelManager:
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (test venv)",
         "language": "python",
+        # This checkout's embedkit (the notebook imports embedkit.runs), as embedkit.reporting.plots
+        # runs them: not whichever checkout the environment installed.
+        "env": {"PYTHONPATH": str(REPO)},
     }))
     ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     return KernelManager(kernel_name="python3", kernel_spec_manager=ksm)

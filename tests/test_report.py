@@ -1,5 +1,6 @@
 """The RESULTS.md generator (embedkit/reporting/report.py) on run folders written in the recipe's
-format: verdicts follow the numbers, the newest run wins, the setup comes from the run's files."""
+format: verdicts follow the numbers, the newest run wins, the setup comes from the run's files. The
+findings are the ones the experiment configs declare (conf/experiment/*.yaml, `report.findings`)."""
 
 import csv
 import json
@@ -16,6 +17,14 @@ from embedkit.reporting.tables import COLUMNS, write_table
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def declared():
+    """{name: Experiment} as conf/experiment/*.yaml declare them (Hydra's compose API)."""
+    from embedkit.reporting import experiments
+
+    return {e.name: e for e in experiments.load()}
+
+
 def _scores(**kw):
     base = {c: 30.0 for c in COLUMNS}
     base.update(kw)
@@ -26,7 +35,7 @@ def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",),
               config=None, paper_rows=None, single=False):
     """A finished run folder as embedkit/recipes/train_eval.py leaves it (table.*, rows/*/results.json,
     .hydra/config.yaml and overrides.yaml)."""
-    from embedkit.recipes.train_eval import safe_label
+    from embedkit.runs import safe_label
 
     table = [{"label": label, **scores} for label, scores in rows.items()]
     for label, scores in rows.items():
@@ -57,15 +66,15 @@ def _paper(name):
         return {r[next(iter(r))]: {c: float(r[c]) for c in COLUMNS} for r in csv.DictReader(f)}
 
 
-def test_batch_size_verdicts_follow_the_numbers(tmp_path):
+def test_batch_size_verdicts_follow_the_numbers(tmp_path, declared):
     run = write_run(tmp_path / "logs" / "reproduce" / "bge_ablation_batchsize", {
         "32": _scores(Retrieval=20.0, PairCLF=50.0, CLF=10.0, Avg=35.0),
         "128": _scores(Retrieval=21.0, PairCLF=51.0, CLF=10.0, Avg=35.5),
         "512": _scores(Retrieval=22.5, PairCLF=52.0, CLF=10.0, Avg=35.2),
     }, paper_rows={"32": "256", "128": "2,048", "512": "19,200"})
     paper = _paper("cpack_table4.csv")
-    found = {f.claim.split(":")[0]: f for f in report.batchsize_findings(
-        report.load_run(run, "bge_ablation_batchsize"), report.read_paper_table(
+    found = {f.claim.split(":")[0]: f for f in report.findings(
+        declared["bge_ablation_batchsize"], report.load_run(run, "bge_ablation_batchsize"), report.read_paper_table(
             REPO / "experiments" / "bge" / "cpack_table4.csv")[1])}
     # independent: the paper's largest minus smallest batch, from the CSV
     assert abs(found["Retrieval"].paper - (paper["19,200"]["Retrieval"] - paper["256"]["Retrieval"])) < 1e-9
@@ -75,12 +84,12 @@ def test_batch_size_verdicts_follow_the_numbers(tmp_path):
     assert abs(found["Avg"].ours - 0.2) < 1e-9 and found["Avg"].verdict == "yes"       # smallest → largest batch
 
 
-def test_recipe_findings_compare_row_differences(tmp_path):
+def test_recipe_findings_compare_row_differences(tmp_path, declared):
     rows = {"BGE-pretrain": _scores(Avg=36.0), "BGE w.o. pre-train": _scores(Avg=37.0),
             "BGE w.o. Instruct": _scores(Avg=38.0), "BGE-finetune": _scores(Avg=38.5)}
     run = write_run(tmp_path / "run", rows, stages={"general": 69})
     paper = report.read_paper_table(REPO / "experiments" / "bge" / "cpack_table3.csv")[1]
-    findings = report.recipe_findings(report.load_run(run, "bge_ablation_recipe"), paper)
+    findings = report.findings(declared["bge_ablation_recipe"], report.load_run(run, "bge_ablation_recipe"), paper)
     assert [(round(f.paper, 2), f.ours, f.verdict) for f in findings] == [
         (0.38, -1.0, "no"),   # pre-training: paper 59.00 - 58.62
         (4.40, 2.0, "yes"),   # task fine-tuning: paper 63.40 - 59.00
@@ -88,25 +97,26 @@ def test_recipe_findings_compare_row_differences(tmp_path):
     ]
 
 
-def test_m3_conan_and_mrl_findings_use_the_stated_direction(tmp_path):
+def test_m3_conan_and_mrl_findings_use_the_stated_direction(tmp_path, declared):
     m3 = {}
     for prefix, bump in (("self-distill", 1.0), ("no self-distill", 0.0)):
         for mode, extra in (("", 0.0), ("sparse", 3.0), ("multivec", -0.5), ("dense+sparse", 0.2), ("all", 0.1)):
             m3[f"{prefix} {mode}".strip()] = _scores(Retrieval=20.0 + bump + (extra if bump else 0.0))
-    found = report.m3_findings(report.load_run(write_run(tmp_path / "m3", m3), "m3"), [])
+    found = report.findings(declared["m3_ablation_selfdistill"], report.load_run(write_run(tmp_path / "m3", m3), "m3"), [])
     assert [f.verdict for f in found] == ["yes", "yes", "yes", "yes", "yes", "yes"]   # multivec +0.5, sparse +4 most
     assert found[-1].ours == pytest.approx(4.0 - 1.2) and all(f.paper == "up" for f in found)
 
     conan = {"Baseline": _scores(), "Vanilla": _scores(Avg=30.0, Retrieval=20.0, Rerank=50.0),
              "+DHNM": _scores(Avg=30.0), "+CBB": _scores(Avg=31.0),
              "Conan dim=128": _scores(Retrieval=19.0, Rerank=51.0)}
-    found = report.conan_findings(report.load_run(write_run(tmp_path / "conan", conan, stages={"general": 5}),
-                                                  "conan_ablation"), [])
+    found = report.findings(declared["conan_ablation"],
+                            report.load_run(write_run(tmp_path / "conan", conan, stages={"general": 5}),
+                                            "conan_ablation"), [])
     assert [f.verdict for f in found] == ["no (no change)", "yes", "no", "yes"]
 
     mrl = {f"dim={d}": _scores(Avg=a, Retrieval=r) for d, a, r in ((32, 30.0, 10.0), (64, 31.0, 9.0), (128, 30.5, 11.0))}
     run = write_run(tmp_path / "mrl", mrl, single=True)
-    found = report.mrl_findings(report.load_run(run, "mrl_dims"), [])
+    found = report.findings(declared["mrl_dims"], report.load_run(run, "mrl_dims"), [])
     assert [(f.ours, f.verdict) for f in found] == [(0.5, "yes"), (1.0, "yes"), (-0.5, "no")]
 
 

@@ -42,12 +42,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-log = logging.getLogger(__name__)
+from embedkit import runs
+from embedkit.runs import ERROR, JOB_CLAIM, LOCK, SETTINGS, inside  # noqa: F401  (names of the run layout)
 
-LOCK = ".lock"
-JOB_CLAIM = ".job.json"
-SETTINGS = "settings.json"
-ERROR = "error.json"
+log = logging.getLogger(__name__)
 
 _chosen: dict[tuple, str] = {}      # one answer per process: Hydra resolves its folders repeatedly
 _held: set[Path] = set()            # the locks this process holds, released at exit
@@ -208,13 +206,13 @@ def hydra_subdir(output_dir: str) -> str:
     already holds the configs of the run that made its results."""
     key = ("hydra_subdir", str(output_dir))
     if key not in _chosen:
-        subdir = ".hydra"
-        if (Path(output_dir) / ".hydra" / "config.yaml").exists():
+        subdir = runs.HYDRA
+        if runs.hydra_file(output_dir).exists():
             stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-            n, subdir = 1, f".hydra/resumed/{stamp}"
+            n, subdir = 1, f"{runs.HYDRA}/resumed/{stamp}"
             while (Path(output_dir) / subdir).exists():
                 n += 1
-                subdir = f".hydra/resumed/{stamp}_{n}"
+                subdir = f"{runs.HYDRA}/resumed/{stamp}_{n}"
         _chosen[key] = subdir
     return _chosen[key]
 
@@ -230,7 +228,7 @@ def recorded_overrides(job: Path) -> list[str] | None:
     """The overrides a job folder was made for: Hydra's overrides.yaml, or our claim before it exists."""
     import yaml
 
-    saved = job / ".hydra" / "overrides.yaml"
+    saved = runs.hydra_file(job, runs.HYDRA_OVERRIDES)
     try:
         if saved.exists():
             return list(yaml.safe_load(saved.read_text(encoding="utf-8")) or [])
@@ -309,11 +307,11 @@ def guarded(run: Callable, cfg) -> Any:
         label = job_label()
         log.exception("sweep job %s (%s) failed; the sweep goes on", out_dir.name, label)
         record = {"label": label, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        target = out_dir / "results.json"
+        target = runs.results_file(out_dir)
         if clean_results(target) is not None:
             target = out_dir / ERROR
             log.error("%s is kept (a finished result); this attempt's error is in %s",
-                      out_dir / "results.json", target)
+                      runs.results_file(out_dir), target)
         write_json(target, record)
         return None
 
@@ -334,7 +332,7 @@ def finished_results(row_dir: Path, label: str) -> dict[str, dict] | None:
 
     Finished means: the root results.json (written last) is clean, and each variant it lists in
     `variant_names` has its own clean results.json."""
-    path = row_dir / "results.json"
+    path = runs.results_file(row_dir)
     if not path.exists():
         return None
     root = clean_results(path)
@@ -346,7 +344,7 @@ def finished_results(row_dir: Path, label: str) -> dict[str, dict] | None:
                            f"this folder belongs to another run or sweep; resume it with the same "
                            f"command, or start a new one without resume")
     results = {} if "variants" in root else {root.get("variant") or "": root}
-    variant_files = sorted((row_dir / "variants").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    variant_files = sorted(runs.variant_results(row_dir), key=lambda p: p.stat().st_mtime)
     for file in variant_files:
         res = clean_results(file)
         if res is not None:
@@ -360,7 +358,7 @@ def finished_results(row_dir: Path, label: str) -> dict[str, dict] | None:
 
 def variant_results(variant_dir: Path, variant: str) -> dict | None:
     """A variant's results scored by an earlier, interrupted attempt at the same row, if clean."""
-    res = clean_results(variant_dir / "results.json")
+    res = clean_results(runs.results_file(variant_dir))
     return res if res is not None and (res.get("variant") or "") == variant else None
 
 
@@ -387,7 +385,7 @@ def check_settings(folder: Path, settings: dict[str, Any], what: str) -> None:
     stop: its results (or checkpoints) were made with those, and must not pass for this run's."""
     from embedkit.redact import redact, write_json
 
-    path = Path(folder) / SETTINGS
+    path = runs.settings_file(folder)
     settings = json.loads(json.dumps(redact(settings), default=str))   # as the file will hold them
     if path.exists():
         try:
@@ -405,15 +403,3 @@ def check_settings(folder: Path, settings: dict[str, Any], what: str) -> None:
             return
     Path(folder).mkdir(parents=True, exist_ok=True)
     write_json(path, settings)
-
-
-def inside(base: str | Path, *parts: str) -> Path:
-    """`base / parts`, refusing a path that resolves outside `base`."""
-    base = Path(base)
-    path = base.joinpath(*(str(p) for p in parts))
-    # `..` is refused even where it would stay inside (`rows/..` is the run folder itself).
-    climbs = any(Path(str(p)).is_absolute() or ".." in Path(str(p)).parts for p in parts)
-    if climbs or not path.resolve().is_relative_to(base.resolve()):
-        raise ValueError(f"refusing to write to {path}: the name {'/'.join(map(str, parts))!r} (from the "
-                         f"config) leads outside the run folder {base}")
-    return path

@@ -26,18 +26,18 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from embedkit.recipes.recovery import check_settings, claim, finished_results, inside, variant_results
+from embedkit import runs
+from embedkit.recipes.recovery import check_settings, claim, finished_results, variant_results
 from embedkit.redact import redact, redact_text, write_json
 
 log = logging.getLogger(__name__)
-DONE = ".done"
+DONE = runs.DONE
 
 
 # ---------------------------------------------------------------- rows and stages
@@ -123,10 +123,10 @@ def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path) -> list[d
     for i, stage in enumerate(chain):
         stage_cfg = stage_config(row_cfg, stage, init)
         final = i == len(chain) - 1
-        stage_dir = row_dir if final else inside(out_dir, "stages", f"{stage}-{stage_key(stage_cfg)}")
+        stage_dir = row_dir if final else runs.stage_dir(out_dir, stage, stage_key(stage_cfg))
         plan.append({"stage": stage, "cfg": stage_cfg, "dir": stage_dir, "final": final,
                      "name": f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")})
-        init = str(stage_dir / "model")
+        init = str(runs.model_dir(stage_dir))
     return plan
 
 
@@ -142,8 +142,7 @@ def row_settings(plan: list[dict]) -> dict:
     return out
 
 
-def safe_label(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)).strip("_") or "run"
+safe_label = runs.safe_label
 
 
 # ---------------------------------------------------------------- one stage
@@ -222,14 +221,14 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     seconds = time.perf_counter() - start
     health.verdict(name)   # no steps, all skipped, or all-zero losses: stop before exporting
 
-    model_dir = out_dir / "model"
+    model_dir = runs.model_dir(out_dir)
     # save_pretrained's files plus sentence-transformers' module files: `load_encoder(model_dir)` and
     # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
     export_sentence_transformers(module.encoder, model_dir)
     module.save_extras(model_dir)
     for cb_name, cb in stage_callbacks.items():
         if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
-            write_json(out_dir / f"callback_{cb_name}.json", cb.summary())
+            write_json(runs.callback_summary(out_dir, cb_name), cb.summary())
     record = {"steps": int(trainer.global_step), "final_train_loss": _metric(trainer, "train/loss"),
               "train_seconds": round(seconds, 1), "training": health.summary()}
     write_json(model_dir / DONE, record)   # last: the stage counts as trained from here on
@@ -239,7 +238,7 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
 def load_trained_stage(cfg: DictConfig, name: str, tokenizer, out_dir: Path) -> dict:
     """A stage whose training finished in an earlier attempt (model/.done): its trained encoder and
     extras in the stage's objective, ready to evaluate, in the same form as `train_stage` returns."""
-    model_dir = out_dir / "model"
+    model_dir = runs.model_dir(out_dir)
     record = json.loads((model_dir / DONE).read_text(encoding="utf-8"))
     with open_dict(cfg):
         cfg.model.init_from = str(model_dir)
@@ -292,7 +291,7 @@ def run(cfg: DictConfig) -> float | None:
 
     # Each row's folder and plan; a resumed row must have been run with these very settings.
     for row in rows:
-        row["dir"] = out_dir if len(rows) == 1 else inside(out_dir, "rows", safe_label(row["label"]))
+        row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
         row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
         check_settings(row["dir"], row_settings(row["plan"]), f"row {row['label']!r}")
 
@@ -311,10 +310,10 @@ def run(cfg: DictConfig) -> float | None:
         # (a vocabulary rebuilt from this run's data would not match its embedding table).
         from embedkit.models.build import pretrained_tokenizer
 
-        tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / "tokenizer")
+        tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / runs.TOKENIZER)
     else:
         # The vocabulary's own corpora re-read training files: they skip bad rows as the data does.
-        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / "tokenizer"),
+        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / runs.TOKENIZER),
                                 on_bad_row="skip" if "skip" in policies else "error")
 
     table_rows, last = [], None
@@ -323,7 +322,7 @@ def run(cfg: DictConfig) -> float | None:
         row_dir.mkdir(parents=True, exist_ok=True)
         results = finished_results(row_dir, row["label"])
         if results is not None:
-            log.info("%s: done in an earlier run (%s), kept", row["label"], row_dir / "results.json")
+            log.info("%s: done in an earlier run (%s), kept", row["label"], runs.results_file(row_dir))
         else:
             results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
         # A plain run's label is its override string ("logger=csv ..."): its variants
@@ -342,7 +341,7 @@ def run(cfg: DictConfig) -> float | None:
                               ablation.get("paper_title", "Paper")) + "\n")
     if ablation.get("paper_finding"):
         print(f"Paper finding to compare against: {ablation.paper_finding}\n")
-    print(f"Tables written to {out_dir}/table.md and table.csv")
+    print(f"Tables written to {runs.table_file(out_dir, 'md')} and {runs.table_name('csv')}")
     return last
 
 
@@ -359,12 +358,12 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
     for p in plan:
         stage_cfg, stage_dir, name = p["cfg"], p["dir"], p["name"]
         bad_rows.update(examples.bad_rows(stage_cfg.data))   # a reused stage's data counts too
-        if (stage_dir / "model" / DONE).exists():
+        if runs.done_file(stage_dir).exists():
             if p["final"]:
                 stage = load_trained_stage(stage_cfg, name, tokenizer, stage_dir)
             else:
                 log.info("%s: reusing %s", name, stage_dir)
-                stage = {"record": json.loads((stage_dir / "model" / DONE).read_text(encoding="utf-8"))}
+                stage = {"record": json.loads(runs.done_file(stage_dir).read_text(encoding="utf-8"))}
         else:
             stage_examples, _ = examples.get(stage_cfg.data)
             stage = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
@@ -380,7 +379,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
     instruction = stage_cfg.eval.get("query_instruction") if "eval" in stage_cfg else None
     for variant, kwargs in module.eval_targets().items():
         kwargs = {"query_instruction": instruction, **kwargs}
-        variant_dir = row_dir if not variant else inside(row_dir, "variants", safe_label(variant))
+        variant_dir = runs.variant_dir(row_dir, variant)
         earlier = variant_results(variant_dir, variant) if variant else None
         if earlier is not None:
             log.info("%s %s: scored in an earlier attempt, kept", row["label"], variant)
@@ -401,7 +400,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "bad_rows": bad_rows,   # {file: {count, first}}: rows data.on_bad_row=skip left out
         })
         if variant:
-            write_json(variant_dir / "results.json", results)   # redacted (embedkit/redact.py)
+            write_json(runs.results_file(variant_dir), results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
         if logger:
             prefix = f"eval/{variant}/" if variant else "eval/"
@@ -415,7 +414,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         root["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
                             for k, v in all_results.items()}
     root["variant_names"] = [v for v in all_results if v]
-    write_json(row_dir / "results.json", root)   # last: the row is finished once this exists
+    write_json(runs.results_file(row_dir), root)   # last: the row is finished once this exists
     if "" in all_results:
         all_results[""] = root
     finish_logger(logger)

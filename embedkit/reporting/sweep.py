@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from embedkit import runs
 from embedkit.reporting.tables import row_from_results, write_table
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,13 @@ log = logging.getLogger(__name__)
 def job_overrides(job: Path) -> list[str]:
     import yaml
 
-    path = job / ".hydra" / "overrides.yaml"
+    path = runs.hydra_file(job, runs.HYDRA_OVERRIDES)
     found = list(yaml.safe_load(path.read_text(encoding="utf-8")) or []) if path.exists() else []
     return [o for o in found if not str(o).startswith("resume=")]   # how it ran, not what
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
-    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / runs.HYDRA).is_dir()]
     jobs.sort(key=lambda p: (len(p.name), p.name))
     overrides = {job: job_overrides(job) for job in jobs}
     # Label each job by the overrides that differ between jobs: that is what the sweep varied.
@@ -38,7 +39,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     rows = []
     for job in jobs:
         label = ",".join(o for o in overrides[job] if o not in common) or job.name
-        results = job / "results.json"
+        results = runs.results_file(job)
         if results.exists():
             try:
                 content = json.loads(results.read_text(encoding="utf-8"))
@@ -48,28 +49,28 @@ def collect(sweep_dir: str | Path) -> list[dict]:
                 # One damaged file costs its own row, not the table of every other job.
                 log.warning("%s is unreadable (%s); the sweep table shows it as failed", results, err)
                 rows.append({"label": label,
-                             "error": f"unreadable results.json: {job.name}/results.json ({err})"})
+                             "error": f"unreadable {runs.RESULTS}: {job.name}/{runs.RESULTS} ({err})"})
                 continue
-            later = job / "error.json"
+            later = job / runs.ERROR
             if later.exists() and later.stat().st_mtime >= results.stat().st_mtime:
                 # A later attempt failed (e.g. a resume refused on changed settings); the finished
                 # results.json was kept (embedkit/recipes/recovery.py guarded).
                 try:
                     error = json.loads(later.read_text(encoding="utf-8")).get("error", "?")
                 except (OSError, ValueError) as err:
-                    error = f"unreadable error.json ({err})"
-                rows.append({"label": label, "error": f"{error} (its results.json from an earlier "
+                    error = f"unreadable {runs.ERROR} ({err})"
+                rows.append({"label": label, "error": f"{error} (its {runs.RESULTS} from an earlier "
                                                       f"attempt is kept)"})
                 continue
             rows.append(row_from_results(label, content))
         else:
-            rows.append({"label": label, "error": f"no results.json in {job.name}/: the job failed or is still running"})
+            rows.append({"label": label, "error": f"no {runs.RESULTS} in {job.name}/: the job failed or is still running"})
     return rows
 
 
 def aggregate(sweep_dir: str | Path) -> str:
     rows = collect(sweep_dir)
-    markdown = write_table(rows, sweep_dir, first="job", stem="sweep_table")
+    markdown = write_table(rows, sweep_dir, first="job", stem=runs.SWEEP_TABLE)
     return markdown
 
 
@@ -79,7 +80,7 @@ class SweepTable(Callback):
         if not sweep_dir.exists():
             return
         markdown = aggregate(sweep_dir)
-        print(f"\nSweep table ({sweep_dir}/sweep_table.md):\n\n{markdown}\n")
+        print(f"\nSweep table ({runs.table_file(sweep_dir, 'md', runs.SWEEP_TABLE)}):\n\n{markdown}\n")
         failed = [row for row in collect(sweep_dir) if "error" in row]
         if failed:
             # The other jobs' results are safe on disk; the exit status still tells scripts and CI.

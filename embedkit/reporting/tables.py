@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from embedkit import runs
 from embedkit.atomic_files import write_text_atomic
 
 COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
@@ -70,15 +71,15 @@ def read_paper_table(path: str | Path) -> tuple[str, list[dict]]:
     return first, rows
 
 
-def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str = "table") -> str:
+def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str = runs.TABLE) -> str:
     """`<stem>.md`, `.csv` and `.json` in `out_dir`, each written atomically: a kill mid-write
     leaves that file as it was (embedkit/atomic_files.py). Returns the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows, first)
-    write_text_atomic(out / f"{stem}.md", markdown + "\n")
-    write_text_atomic(out / f"{stem}.csv", to_csv(rows, first))
-    write_text_atomic(out / f"{stem}.json", json.dumps(list(rows), indent=2, ensure_ascii=False))
+    write_text_atomic(runs.table_file(out, "md", stem), markdown + "\n")
+    write_text_atomic(runs.table_file(out, "csv", stem), to_csv(rows, first))
+    write_text_atomic(runs.table_file(out, "json", stem), json.dumps(list(rows), indent=2, ensure_ascii=False))
     return markdown
 
 

@@ -1,0 +1,245 @@
+"""Paper findings as data: each compares two rows of a run (or a series of rows) in one column, and
+agrees with the paper when the mini run's difference has the sign of the paper's.
+
+An experiment lists them under `report.findings` (conf/experiment/*.yaml):
+
+    findings:
+      # ours = score(rows[0]) − score(rows[1]); paper: the same difference in the paper's table
+      - claim: "RetroMAE pre-training helps: {column} {rows[0]} − {rows[1]}"
+        rows: [BGE-pretrain, BGE w.o. pre-train]
+        column: Avg
+        paper: table
+        source: "C-Pack Table 3"
+      # one finding per column; first / last: the ends of the series (labels matching the regex,
+      # ordered by the number its group captures)
+      - claim: "{column}: batch {paper_rows[1]} → {paper_rows[0]} (ours {rows[1]} → {rows[0]})"
+        series: '^([\\d,]+)'
+        rows: [last, first]
+        columns: [Retrieval, STS, PairCLF, CLF, Rerank, Cluster, Avg]
+        paper: table
+        source: "C-Pack Table 4"
+      # the paper states only a direction; "Conan*": the first row whose label matches
+      - {claim: "Conan beats Vanilla on {column}", rows: ["Conan*", Vanilla], columns: [Retrieval, Rerank],
+         direction: up, source: "..."}
+      # ours = the smallest step between neighbouring rows of the series (reduce: min or max)
+      - {claim: "...", series: 'dim=(\\d+)', rows: neighbours, reduce: min, direction: up, source: "..."}
+      # ours = finding `of`'s difference − the largest of `over`'s (findings named by `id`)
+      - {claim: "...", margin: {of: sparse, over: [dense, multivec]}, direction: up, source: "..."}
+
+Keys: `claim` and `source` (text; the claim is a format string with {column}, {rows[i]} (our labels),
+{paper_rows[i]} and {values[i]} (what the series regex captured)); `rows` or `margin`; `column`
+(default Avg) or `columns`; `paper` (`table`: the paper rows our rows were run for, i.e. their
+results.json `paper_row`, else the same label, else the paper table's first / last row for
+first / last; `{rows: [A, B]}`: these paper rows; a number: the paper's difference) or `direction`
+(up / down); `series`, `reduce`, `id`. A finding whose paper rows are not in the paper table, or
+whose series has fewer than two rows, or whose margin lacks a difference, is left out; one whose
+own rows are missing shows as `n/a (row missing)`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+
+# A move smaller than this (score points, x100) counts as no move: mteb rounds main scores to 1e-5.
+TIE = 0.005
+DEFAULT_COLUMN = "Avg"
+KEYS = {"id", "claim", "source", "rows", "column", "columns", "paper", "direction", "series", "reduce", "margin"}
+SERIES_ENDS = ("first", "last")
+NEIGHBOURS = "neighbours"
+REDUCERS = {"min": min, "max": max}
+
+
+@dataclass
+class Finding:
+    claim: str           # the paper's finding, in words
+    source: str          # where the paper states it
+    paper: float | str   # the paper's delta (points), or its stated direction ("up") without numbers
+    ours: float | None   # our delta in points; None = a row is missing
+
+    @property
+    def paper_sign(self) -> int:
+        if isinstance(self.paper, str):
+            return {"up": 1, "down": -1}[self.paper]
+        return _sign(self.paper)
+
+    @property
+    def verdict(self) -> str:
+        if self.ours is None or (isinstance(self.ours, float) and math.isnan(self.ours)):
+            return "n/a (row missing)"
+        if _sign(self.ours) == 0:
+            return "no (no change)"
+        return "yes" if _sign(self.ours) == self.paper_sign else "no"
+
+
+def _sign(x: float) -> int:
+    return 0 if abs(x) < TIE else (1 if x > 0 else -1)
+
+
+# ---------------------------------------------------------------- the schema
+
+def validate(spec, where: str) -> None:
+    """Raise ValueError (ExperimentConfigError) naming `where` if `spec` is not a finding."""
+    from embedkit.reporting.experiments import ExperimentConfigError
+
+    def bad(why: str):
+        raise ExperimentConfigError(f"{where}: {why} (in {spec!r})")
+
+    if not isinstance(spec, dict):
+        bad("a finding is a mapping")
+    if set(spec) - KEYS:
+        bad(f"unknown key(s) {sorted(set(spec) - KEYS)}; allowed: {sorted(KEYS)}")
+    for key in ("claim", "source"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            bad(f"`{key}` (text) is required")
+    if ("paper" in spec) == ("direction" in spec):
+        bad("give exactly one of `paper` (table, {rows: [A, B]} or a number) and `direction` (up / down)")
+    if "direction" in spec and spec["direction"] not in ("up", "down"):
+        bad("`direction` is up or down")
+    paper = spec.get("paper")
+    if "paper" in spec and not (paper == "table" or isinstance(paper, (int, float))
+                                or (isinstance(paper, dict) and set(paper) == {"rows"} and _pair(paper["rows"]))):
+        bad("`paper` is `table`, {rows: [A, B]} (paper-table rows) or a number")
+    if ("rows" in spec) == ("margin" in spec):
+        bad("give exactly one of `rows` ([A, B] or neighbours) and `margin` ({of: ID, over: [IDs]})")
+    if "column" in spec and "columns" in spec:
+        bad("give `column` or `columns`, not both")
+    if "columns" in spec and (not isinstance(spec["columns"], list) or not spec["columns"]):
+        bad("`columns` is a non-empty list")
+    if "margin" in spec:
+        margin = spec["margin"]
+        if not (isinstance(margin, dict) and set(margin) == {"of", "over"} and isinstance(margin["over"], list)
+                and margin["over"]):
+            bad("`margin` is {of: ID, over: [ID, ...]}")
+        if isinstance(paper, (str, dict)) and "paper" in spec:
+            bad("a margin compares findings: its paper side is a `direction` or a number")
+    if "rows" in spec and spec["rows"] != NEIGHBOURS and not _pair(spec["rows"]):
+        bad("`rows` is [A, B] (labels, label patterns such as \"Row*\", first, last) or neighbours")
+    if spec.get("rows") == NEIGHBOURS and isinstance(paper, (str, dict)) and "paper" in spec:
+        bad("`rows: neighbours` compares our rows only: its paper side is a `direction` or a number")
+    if "reduce" in spec and (spec.get("rows") != NEIGHBOURS or spec["reduce"] not in REDUCERS):
+        bad(f"`reduce` ({' / '.join(REDUCERS)}) goes with `rows: neighbours`")
+    if "series" in spec:
+        try:
+            if re.compile(spec["series"]).groups < 1:
+                bad("`series` is a regex with a group that captures the row's number")
+        except (re.error, TypeError) as err:
+            bad(f"`series` is not a regex ({err})")
+    if "id" in spec and "columns" in spec:
+        bad("a finding with an `id` has one `column`")
+
+
+def _pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+# ---------------------------------------------------------------- evaluating
+
+def evaluate(specs: list[dict], run, paper_rows: list[dict]) -> list[Finding]:
+    """The findings of `specs` on `run` (its `rows`: {table label: {column: score}}, `results`:
+    {row label: results.json}) against `paper_rows` (the paper table, [{label, column: score}])."""
+    out, by_id = [], {}
+    for spec in specs:
+        if "margin" in spec:
+            found = _margin(spec, by_id)
+            if found is not None:
+                out.append(found)
+            continue
+        for column in spec.get("columns") or [spec.get("column", DEFAULT_COLUMN)]:
+            found = _compare(spec, column, run, paper_rows)
+            if found is not None:
+                out.append(found)
+                if "id" in spec:
+                    by_id[spec["id"]] = found
+    return out
+
+
+def _score(run, label: str, column: str) -> float | None:
+    value = run.rows.get(label, {}).get(column)
+    return None if value is None else float(value)
+
+
+def _delta(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _series(spec, run) -> list[tuple[str, str]]:
+    """[(label, value)]: every row in table order, or those matching `series`, ordered by its number."""
+    if "series" not in spec:
+        return [(label, label) for label in run.rows]
+    pattern, found = re.compile(spec["series"]), []
+    for label in run.rows:
+        match = pattern.search(label)
+        if match:
+            try:
+                number = float(match.group(1).replace(",", ""))
+            except ValueError:
+                continue
+            found.append((number, label, match.group(1)))
+    return [(label, value) for _, label, value in sorted(found, key=lambda t: t[0])]
+
+
+def _pick(selector: str, run, series) -> tuple[str, str] | None:
+    """(table label, series value) of a row selector; None when first / last have no series."""
+    if selector in SERIES_ENDS:
+        if len(series) < 2:
+            return None
+        return series[0] if selector == "first" else series[-1]
+    if selector not in run.rows and any(ch in selector for ch in "*?["):
+        selector = next((label for label in run.rows if fnmatch.fnmatchcase(label, selector)), selector)
+    return selector, dict(series).get(selector, selector)
+
+
+def _paper_row(run, selector: str, label: str, paper_rows: list[dict]) -> str:
+    """The paper row a row of ours was run for."""
+    declared = (run.results.get(label) or {}).get("paper_row")
+    if declared:
+        return declared
+    if selector in SERIES_ENDS and paper_rows:
+        return paper_rows[0 if selector == "first" else -1]["label"]
+    return label
+
+
+def _paper_side(spec) -> float | str:
+    return spec["direction"] if "direction" in spec else float(spec["paper"])
+
+
+def _compare(spec, column: str, run, paper_rows: list[dict]) -> Finding | None:
+    series = _series(spec, run)
+    if spec["rows"] == NEIGHBOURS:
+        if len(series) < 2:
+            return None
+        steps = [_delta(_score(run, b, column), _score(run, a, column)) for (a, _), (b, _) in zip(series, series[1:])]
+        if any(s is None for s in steps):
+            return None
+        claim = spec["claim"].format(column=column, rows=[series[-1][0], series[0][0]],
+                                     values=[series[-1][1], series[0][1]], paper_rows=[])
+        return Finding(claim, spec["source"], _paper_side(spec), REDUCERS[spec.get("reduce", "min")](steps))
+    picked = [_pick(s, run, series) for s in spec["rows"]]
+    if any(p is None for p in picked):
+        return None
+    (a, value_a), (b, value_b) = picked
+    paper = spec.get("paper")
+    if paper == "table" or isinstance(paper, dict):
+        by_paper = {r["label"]: r for r in paper_rows}
+        pa, pb = paper["rows"] if isinstance(paper, dict) else \
+            [_paper_row(run, s, label, paper_rows) for s, label in zip(spec["rows"], (a, b))]
+        if pa not in by_paper or pb not in by_paper:
+            return None   # the paper's table (or these rows of it) is not at hand
+        paper_delta: float | str = by_paper[pa][column] - by_paper[pb][column]
+    else:
+        pa, pb = a, b
+        paper_delta = _paper_side(spec)
+    claim = spec["claim"].format(column=column, rows=[a, b], paper_rows=[pa, pb], values=[value_a, value_b])
+    return Finding(claim, spec["source"], paper_delta, _delta(_score(run, a, column), _score(run, b, column)))
+
+
+def _margin(spec, by_id: dict[str, Finding]) -> Finding | None:
+    margin = spec["margin"]
+    gains = [by_id[i].ours if i in by_id else None for i in [margin["of"], *margin["over"]]]
+    if any(g is None for g in gains):
+        return None
+    claim = spec["claim"].format(of=margin["of"], over=margin["over"])
+    return Finding(claim, spec["source"], _paper_side(spec), gains[0] - max(gains[1:]))
