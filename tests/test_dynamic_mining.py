@@ -100,7 +100,7 @@ def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch
     torch.manual_seed(0)
     dm = _data(tokenizer)
     encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    module = InfoNCE(encoder, train_group_size=3, lr=1e-3, warmup_ratio=0.0)
+    module = InfoNCE(encoder, lr=1e-3, warmup_ratio=0.0)
     cb = DynamicHardNegatives(check_every=2, rescore=2, max_abs=0.0)   # |s| < 0 never holds
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
