@@ -23,7 +23,8 @@ The objective supplies `embed_tokens(side, features)` (one column's part of `emb
 loss part's `EmbeddingLoss.embed_tokens`), and its `loss_from_embeddings` is reused as is: InfoNCE
 (with or without cross-device negatives), CoSENT, Matryoshka (the wrapper caches, the inner loss
 runs once per width) and M3 (dense, sparse and multi-vector outputs all take part in the
-surrogate).
+surrogate). The cached embeddings are left in the objective's `last_embeddings`, as the plain step
+does, so callbacks that read them (dynamic hard-negative mining) see every step.
 
 In Lightning the step runs under manual optimisation (`self.manual_backward`, so mixed-precision
 loss scaling applies). Because Lightning refuses `gradient_clip_val` and `accumulate_grad_batches`
@@ -215,6 +216,8 @@ class GradCache:
     def training_step(self, module, batch, batch_idx):
         trainer = module.trainer
         loss, embeddings, chunks, grads = self.cached_loss(module, batch)
+        # Callbacks read the step's embeddings (dynamic hard-negative mining): the cached ones here.
+        module.keep_embeddings(embeddings)
         size = module.batch_size_of(batch)
         boundary = ((batch_idx + 1) % self.accumulate_grad_batches == 0
                     or bool(getattr(trainer, "is_last_batch", False)))
