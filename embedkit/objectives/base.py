@@ -467,8 +467,7 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
 
 
 def _show(value: Any) -> str:
-    value = _plain(value)
-    return repr(value)
+    return repr(_plain(value))
 
 
 def _plain(value: Any) -> Any:

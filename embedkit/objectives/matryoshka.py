@@ -7,8 +7,9 @@ never a nested LightningModule: the encoder runs once per step whatever the numb
 (the inner loss's `embed(encoder, batch)` once, its `forward` once per dimension on truncated views
 of the same tensors, so the gradients of every width flow into one graph), and only the wrapper's
 step and optimiser run. The shared settings (lr, optimizer, scheduler, warm-up, on_nonfinite_loss,
-grad_cache) are the wrapper's; an inner objective given with a different value is an error
-(conf/objective/matryoshka.yaml makes the inner ones follow the wrapper's). Under GradCache the
+grad_cache) are the wrapper's; an inner objective given with a different value is an error, and
+one the wrapper leaves unset is taken from the inner objective (conf/objective/matryoshka.yaml makes
+the inner ones follow the wrapper's). Under GradCache the
 chunks are embedded by the inner `embed_tokens`, and the cached gradient is that of the sum over
 widths, so each chunk is replayed once, not once per width.
 

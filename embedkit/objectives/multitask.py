@@ -4,8 +4,9 @@
 `MultiTask` trains it as a LightningModule with the shared optimisation of
 embedkit/objectives/base.py: one optimiser over the shared encoder. The tasks are the task
 objectives' *loss parts*, never nested LightningModules; the shared settings (lr, optimizer,
-scheduler, warm-up, on_nonfinite_loss) are the wrapper's, and a task objective given with a
-different value is an error (conf/objective/multitask.yaml makes the tasks follow the wrapper's).
+scheduler, warm-up, on_nonfinite_loss) are the wrapper's: a task objective given with a different
+value is an error, and one the wrapper leaves unset is taken from the tasks (which must then agree;
+conf/objective/multitask.yaml makes the tasks follow the wrapper's).
 
 Under CBB every step holds every task, so the loss sums all of them (Conan §3.4: the retrieval
 losses of the GPUs that share queries and positives but carry different negatives, plus the STS
