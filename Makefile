@@ -28,7 +28,7 @@ smoke: install
 	$(PY) run.py +experiment=bge_ablation_batchsize debug=smoke
 
 sweep: install
-	$(PY) run.py -m +experiment=bge_ablation_batchsize data.batch_size=32,64 objective.train_group_size=1,2
+	$(PY) run.py -m +experiment=bge_ablation_batchsize data.batch_size=32,64 data.train_group_size=1,2
 
 test: install
 	$(PY) -m pytest

@@ -146,7 +146,8 @@ def train_embedkit(cfg, pairs) -> dict:
                                  group_by_length=True, seed=0, cache_dir=str(WORK / "cache"))
     data.use_examples(pairs)
     data.attach_tokenizer(encoder.tokenizer)
-    module = InfoNCE(encoder, temperature=TEMPERATURE, lr=LR, warmup_ratio=WARMUP, weight_decay=0.0,
+    # weight decay 0 as the HF run below: the objective's default AdamW
+    module = InfoNCE(encoder, temperature=TEMPERATURE, lr=LR, warmup_ratio=WARMUP,
                      grad_cache={"mini_batch": cfg["grad_cache"]} if cfg["grad_cache"] else None)
     times: list[float] = []
 

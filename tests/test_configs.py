@@ -75,7 +75,7 @@ def test_objective_and_eval_instantiate_from_config():
     suite = instantiate(cfg.eval)
     assert suite.max_rows == 64 and suite.query_instruction is None
     objective = instantiate(cfg.objective, encoder=None)
-    assert objective.temperature == 0.02 and objective.train_group_size == 1
+    assert objective.loss.temperature == 0.02 and cfg.data.train_group_size == 1
 
 
 def test_typo_in_a_group_option_lists_the_valid_options():

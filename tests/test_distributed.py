@@ -22,7 +22,7 @@ from test_gradcache import PASSAGES, QUERIES, encoder, tokens
 
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT
-from embedkit.objectives.infonce import InfoNCE
+from embedkit.objectives.infonce import InfoNCE, InfoNCELoss
 from embedkit.objectives.m3 import M3
 from embedkit.objectives.matryoshka import Matryoshka
 
@@ -122,22 +122,21 @@ def _reference(module, batches):
 
 CASES = {
     # name: (build(encoder, mini_batch) -> module, cross-device?, mini_batch)
-    "infonce_cross_device": (lambda enc, mb: InfoNCE(enc, temperature=0.05, train_group_size=GROUP,
+    "infonce_cross_device": (lambda enc, mb: InfoNCE(enc, temperature=0.05,
                                                      negatives_cross_device=True,
                                                      grad_cache={"mini_batch": mb}), True, None),
-    "infonce_cross_device_gradcache": (lambda enc, mb: InfoNCE(enc, temperature=0.05, train_group_size=GROUP,
+    "infonce_cross_device_gradcache": (lambda enc, mb: InfoNCE(enc, temperature=0.05,
                                                                negatives_cross_device=True,
                                                                grad_cache={"mini_batch": mb}), True, 2),
-    "infonce_gradcache": (lambda enc, mb: InfoNCE(enc, temperature=0.05, train_group_size=GROUP,
+    "infonce_gradcache": (lambda enc, mb: InfoNCE(enc, temperature=0.05,
                                                   grad_cache={"mini_batch": mb}), False, 1),
     "cosent_gradcache": (lambda enc, mb: CoSENT(enc, grad_cache={"mini_batch": mb}), False, 2),
-    "matryoshka_gradcache": (lambda enc, mb: Matryoshka(enc, inner=InfoNCE(enc, temperature=0.05,
-                                                                           train_group_size=GROUP),
+    "matryoshka_gradcache": (lambda enc, mb: Matryoshka(enc, inner=InfoNCELoss(temperature=0.05),
                                                         dims=[8, 16, 32], grad_cache={"mini_batch": mb}),
                              False, 2),
-    "m3_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, grad_cache={"mini_batch": mb}),
+    "m3_gradcache": (lambda enc, mb: M3(enc, grad_cache={"mini_batch": mb}),
                      False, 2),
-    "m3_cross_device_gradcache": (lambda enc, mb: M3(enc, train_group_size=GROUP, negatives_cross_device=True,
+    "m3_cross_device_gradcache": (lambda enc, mb: M3(enc, negatives_cross_device=True,
                                                      grad_cache={"mini_batch": mb}), "m3", 2),
 }
 
@@ -157,9 +156,9 @@ def _m3_cross_device_reference(module, batch):
         emb = module.embed(part)
         q, p = emb["query"], emb["passages"]
         rows = torch.arange(PER_RANK)
-        local_dense = F.cross_entropy(q @ p.T / module.temperature, rows * GROUP)
-        cross = F.cross_entropy(q @ all_p.T / module.temperature, (r * PER_RANK + rows) * GROUP)
-        swap = module.loss_weights["dense"] * (cross - local_dense) / 8
+        local_dense = F.cross_entropy(q @ p.T / module.loss.temperature, rows * GROUP)
+        cross = F.cross_entropy(q @ all_p.T / module.loss.temperature, (r * PER_RANK + rows) * GROUP)
+        swap = module.loss.loss_weights["dense"] * (cross - local_dense) / 8
         losses.append(module.loss_from_embeddings(emb, part) + swap)
     torch.stack(losses).mean().backward()
     return [x.item() for x in losses], {n: p.grad.clone() for n, p in module.named_parameters()
@@ -178,7 +177,7 @@ def test_two_ranks_equal_one_process(tok, tmp_path, monkeypatch, case):
         batch = {"query": tokens(tok, QUERIES[:n]), "passages": tokens(tok, PASSAGES[:n * GROUP])}
 
     reference = build(encoder(tok), None).double()
-    reference.negatives_cross_device = False   # one process: the full batch is the whole pool
+    reference.loss.negatives_cross_device = False   # one process: the full batch is the whole pool
     if cross_device == "m3":
         ref_losses, ref_grads = _m3_cross_device_reference(reference, batch)
         ref_loss = sum(ref_losses) / WORLD

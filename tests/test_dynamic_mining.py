@@ -100,7 +100,7 @@ def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch
     torch.manual_seed(0)
     dm = _data(tokenizer)
     encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    module = InfoNCE(encoder, train_group_size=3, lr=1e-3, warmup_ratio=0.0)
+    module = InfoNCE(encoder, lr=1e-3, warmup_ratio=0.0)
     cb = DynamicHardNegatives(check_every=2, rescore=2, max_abs=0.0)   # |s| < 0 never holds
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=3, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
@@ -141,3 +141,30 @@ def test_checks_run_on_steps_that_trained_another_task(tokenizer):
     cb.on_train_batch_end(SimpleNamespace(global_step=5, current_epoch=0), module, None,
                           {"sts": {}}, 4)
     assert cb.window_index[1] == 1 and logged["dhnm/refreshed"] == 1.0 and not cb.curve
+
+
+def test_gradcache_steps_are_tracked_as_the_plain_steps_are(tokenizer):
+    """Under GradCache the step embeds in chunks without grad; it must still leave its embeddings
+    for the callback (`last_embeddings`), or DHNM records nothing. Without dropout both runs see
+    the same embeddings up to float32 rounding of the chunked forward, so they record the same s0."""
+    runs = {}
+    for grad_cache in (None, {"mini_batch": 2}):
+        torch.manual_seed(0)
+        dm = _data(tokenizer)
+        encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                                  intermediate_size=64, dropout=0.0)
+        module = InfoNCE(encoder, lr=1e-3, warmup_ratio=0.0, grad_cache=grad_cache)
+        cb = DynamicHardNegatives(check_every=2, rescore=0, max_abs=0.0)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, max_epochs=3, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, datamodule=dm)
+        runs[grad_cache is not None] = cb
+    plain, cached = runs[False], runs[True]
+    assert len(cached.curve) == len(plain.curve) == 3
+    assert not np.isnan(cached.initial).any()                  # 3 batches of 2: all 6 samples seen
+    # float32 embeddings of unit norm, the same rows in chunks of 2: a few roundings apart
+    np.testing.assert_allclose(cached.initial, plain.initial, rtol=0, atol=1e-5)
+    np.testing.assert_allclose([c[2] for c in cached.curve], [c[2] for c in plain.curve], rtol=0, atol=1e-5)

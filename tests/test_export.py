@@ -186,7 +186,7 @@ def test_recipe_stage_folder_loads_in_sentence_transformers_and_keeps_m3_heads(t
         "data": {"_target_": "embedkit.data.contrastive.ContrastiveDataModule", "sources": [],
                  "batch_size": 4, "train_group_size": 2, "query_max_len": 16, "passage_max_len": 32,
                  "cache_dir": str(tmp_path / "cache")},
-        "objective": {"_target_": "embedkit.objectives.m3.M3", "train_group_size": 2,
+        "objective": {"_target_": "embedkit.objectives.m3.M3",
                       "lr": 1e-3, "warmup_ratio": 0.0},
         "trainer": {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 1,
                     "max_steps": 2, "enable_checkpointing": False, "enable_progress_bar": False,
@@ -200,7 +200,7 @@ def test_recipe_stage_folder_loads_in_sentence_transformers_and_keeps_m3_heads(t
     assert (folder / "modules.json").exists() and (folder / "m3_heads.safetensors").exists()
 
     encoder, heads = load_m3(folder)
-    for (name, a), (_, b) in zip(module.heads.state_dict().items(), heads.state_dict().items()):
+    for (name, a), (_, b) in zip(module.loss.heads.state_dict().items(), heads.state_dict().items()):
         assert torch.equal(a.cpu(), b), name
     assert heads.has_sparse and heads.has_multivec
     expected = module.encoder.encode(TEXTS)

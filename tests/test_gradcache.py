@@ -7,9 +7,9 @@ import torch
 
 from embedkit.models.build import tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
-from embedkit.objectives.cosent import CoSENT
+from embedkit.objectives.cosent import CoSENT, CoSENTLoss
 from embedkit.objectives.gradcache import GradCache
-from embedkit.objectives.infonce import InfoNCE
+from embedkit.objectives.infonce import InfoNCE, InfoNCELoss
 from embedkit.objectives.m3 import M3
 from embedkit.objectives.matryoshka import Matryoshka
 
@@ -51,12 +51,12 @@ def sts_batch(tok):
 
 
 OBJECTIVES = {
-    "infonce": (lambda enc: InfoNCE(enc, temperature=0.05, train_group_size=2), pair_batch),
+    "infonce": (lambda enc: InfoNCE(enc, temperature=0.05), pair_batch),
     "cosent": (lambda enc: CoSENT(enc), sts_batch),
-    "matryoshka": (lambda enc: Matryoshka(enc, inner=InfoNCE(enc, temperature=0.05), dims=[8, 16, 32]),
+    "matryoshka": (lambda enc: Matryoshka(enc, inner=InfoNCELoss(temperature=0.05), dims=[8, 16, 32]),
                    pair_batch),
-    "matryoshka_cosent": (lambda enc: Matryoshka(enc, inner=CoSENT(enc), dims=[16, 32]), sts_batch),
-    "m3": (lambda enc: M3(enc, train_group_size=2), pair_batch),
+    "matryoshka_cosent": (lambda enc: Matryoshka(enc, inner=CoSENTLoss(), dims=[16, 32]), sts_batch),
+    "m3": (lambda enc: M3(enc), pair_batch),
 }
 
 
@@ -103,7 +103,7 @@ def test_cached_step_equals_the_plain_step(tok, name, mini_batch):
 
 
 def test_dropout_is_replayed_exactly(tok):
-    module = InfoNCE(encoder(tok, dropout=0.3), train_group_size=2)
+    module = InfoNCE(encoder(tok, dropout=0.3))
     module.train()
     batch = pair_batch(tok)
     gc = GradCache(mini_batch=4)
@@ -123,7 +123,7 @@ def test_dropout_is_replayed_exactly(tok):
 
 
 def test_replay_leaves_the_rng_where_the_first_pass_left_it(tok):
-    module = InfoNCE(encoder(tok, dropout=0.3), train_group_size=2)
+    module = InfoNCE(encoder(tok, dropout=0.3))
     batch = pair_batch(tok)
     gc = GradCache(mini_batch=2)
     torch.manual_seed(3)
@@ -185,8 +185,8 @@ def test_lightning_training_matches_the_plain_step(tok, tmp_path):
     """Four batches, accumulation 2, a clip that bites: weights, optimiser steps and LR after
     training equal the automatic-optimisation run's; the loss and grad norm are logged."""
     batches = [pair_batch(tok, n_queries=3 + i % 2, group=2) for i in range(4)]
-    plain = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2)
-    cached = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2,
+    plain = InfoNCE(encoder(tok), temperature=0.05, lr=1e-2)
+    cached = InfoNCE(encoder(tok), temperature=0.05, lr=1e-2,
                      grad_cache={"mini_batch": 2})
     t_plain = _fit(plain, batches, tmp_path / "a", clip=0.05, accumulate=2, precision="64-true")
     t_cached = _fit(cached, batches, tmp_path / "b", clip=0.05, accumulate=2, precision="64-true")
@@ -215,7 +215,7 @@ def test_lightning_clipping_is_applied(tok, tmp_path):
     batches = [pair_batch(tok, n_queries=4)]
     runs = {}
     for clip in (None, 1e-3):
-        m = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, lr=1e-2, warmup_ratio=0.0,
+        m = InfoNCE(encoder(tok), temperature=0.05, lr=1e-2, warmup_ratio=0.0,
                     grad_cache={"mini_batch": 3})
         _fit(m, batches, tmp_path / str(clip), clip=clip, accumulate=1)
         runs[clip] = torch.cat([p.detach().flatten() for p in m.parameters()])
@@ -225,7 +225,7 @@ def test_lightning_clipping_is_applied(tok, tmp_path):
 
 
 def test_lightning_bf16_mixed_precision_runs(tok, tmp_path):
-    m = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2, grad_cache={"mini_batch": 2})
+    m = InfoNCE(encoder(tok), temperature=0.05, grad_cache={"mini_batch": 2})
     trainer = _fit(m, [pair_batch(tok, n_queries=4)] * 2, tmp_path, clip=1.0, accumulate=1,
                    precision="bf16-mixed")
     assert trainer.global_step == 2
@@ -261,7 +261,7 @@ def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
     gradients of autograd on the whole score matrix, scaled by the accumulation factor. Both in
     float64: in float32 the two summation orders differ by ~1e-7 of the gradient's scale, by an
     amount that depends on the CPU's kernels."""
-    module = InfoNCE(encoder(tok), temperature=0.05, train_group_size=2).double()
+    module = InfoNCE(encoder(tok), temperature=0.05).double()
     with torch.no_grad():
         emb = module.embed(pair_batch(tok))
     leaves = {k: v.clone().requires_grad_() for k, v in emb.items()}
@@ -273,12 +273,12 @@ def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
     scale = scale_of(leaves["query"].grad, leaves["passages"].grad)
     for key in ("query", "passages"):
         assert_close_scaled(grads[key], leaves[key].grad, RTOL64, scale=scale, what=key)
-    module.negatives_cross_device = True
+    module.loss.negatives_cross_device = True
     assert module.loss_and_grads(emb, None, scale=1.0, rows=rows) is None
 
 
-@pytest.mark.parametrize("build", [lambda enc, x: InfoNCE(enc, train_group_size=2, negatives_cross_device=x),
-                                   lambda enc, x: M3(enc, train_group_size=2, negatives_cross_device=x)])
+@pytest.mark.parametrize("build", [lambda enc, x: InfoNCE(enc, negatives_cross_device=x),
+                                   lambda enc, x: M3(enc, negatives_cross_device=x)])
 def test_cross_device_switch_is_plain_on_one_process(tok, build):
     """Without a process group the switch changes nothing (tests/test_distributed.py: 2 ranks):
     both paths run the same kernels on the same inputs, so the losses are bitwise equal."""

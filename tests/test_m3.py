@@ -232,7 +232,7 @@ def _batch(tok, queries, passages):
 
 
 def test_embed_matches_the_encoder_and_heads(tok):
-    m = M3(_encoder(tok), train_group_size=2)
+    m = M3(_encoder(tok))
     batch = _batch(tok, ["今天天气", "北京"], ["今天天气很好", "公园", "北京是首都", "中国"])
     emb = m.embed(batch)
     assert torch.allclose(emb["query"], m.encoder(**batch["query"]), atol=1e-6)
@@ -241,12 +241,12 @@ def test_embed_matches_the_encoder_and_heads(tok):
     assert (emb["query_sparse"][specials] == 0).all()
     loss = m.loss_from_embeddings(emb, batch)
     loss.backward()
-    assert m.heads.sparse_linear.weight.grad is not None and m.heads.colbert_linear.weight.grad is not None
+    assert m.loss.heads.sparse_linear.weight.grad is not None and m.loss.heads.colbert_linear.weight.grad is not None
 
 
 def test_head_subset_builds_only_those_heads_and_variants(tok):
-    m = M3(_encoder(tok), heads=["sparse", "dense"], train_group_size=2)
-    assert m.heads.colbert_linear is None and m.heads.sparse_linear is not None
+    m = M3(_encoder(tok), heads=["sparse", "dense"])
+    assert m.loss.heads.colbert_linear is None and m.loss.heads.sparse_linear is not None
     emb = m.embed(_batch(tok, ["今天"], ["今天天气", "北京"]))
     assert not any("colbert" in k for k in emb)
     assert list(m.eval_targets()) == ["", "sparse", "dense+sparse"]
@@ -258,17 +258,17 @@ def test_heads_save_and_load(tok, tmp_path):
     m = M3(_encoder(tok))
     m.save_extras(tmp_path)
     loaded = M3Heads.from_pretrained(tmp_path)
-    for (k, a), (k2, b) in zip(m.heads.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (k2, b) in zip(m.loss.heads.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     assert loaded.special_ids.tolist() == special_token_ids(tok)
     fresh = M3(_encoder(tok), heads_init_from=str(tmp_path))
-    assert torch.equal(fresh.heads.sparse_linear.weight, m.heads.sparse_linear.weight)
+    assert torch.equal(fresh.loss.heads.sparse_linear.weight, m.loss.heads.sparse_linear.weight)
     assert not M3Heads(32).load_weights(tmp_path / "nothing")  # absent files: fresh heads
 
 
 def test_sparse_weights_use_token_strings(tok):
     m = M3(_encoder(tok))
-    (weights,) = m.sparse_weights(["天气天气很好"])
+    (weights,) = m.loss.sparse_weights(m.encoder, ["天气天气很好"])
     assert set(weights) <= {"天", "气", "很", "好"} and weights
     assert all(w > 0 for w in weights.values())
     assert not set(weights) & {tok.cls_token, tok.sep_token, tok.pad_token, tok.unk_token}
@@ -283,7 +283,7 @@ def test_short_run_lowers_the_loss(tok):
     rows = [{"query": r["query"], "pos": r["pos"], "neg": r.get("neg") or []} for r in rows]
     data = ContrastiveDataModule([lambda: rows], batch_size=8, train_group_size=2, passage_max_len=32)
     data.attach_tokenizer(tok)
-    m = M3(_encoder(tok), train_group_size=2, lr=1e-3, warmup_ratio=0.0)
+    m = M3(_encoder(tok), lr=1e-3, warmup_ratio=0.0)
     data.setup()
     fixed = next(iter(data.train_dataloader()))
 
@@ -312,7 +312,7 @@ def cmrc_tasks():
 def _search(m, weights, instruction=None):
     from embedkit.eval.m3_search import M3Search
 
-    return M3Search(m.representer(), weights, model_name="embedkit/test-m3", revision="t1",
+    return M3Search(m.loss.representer(m.encoder), weights, model_name="embedkit/test-m3", revision="t1",
                     query_instruction=instruction)
 
 
@@ -375,7 +375,7 @@ def test_eval_targets_variants_and_sparse_dump(tok, cmrc_tasks, tmp_path):
     from embedkit.eval.cmteb import evaluate_tasks
 
     m = M3(_encoder(tok))
-    m.save_heads(tmp_path / "model")
+    m.loss.save_heads(tmp_path / "model")
     targets = m.eval_targets()
     assert list(targets) == ["", "sparse", "multivec", "dense+sparse", "all"]
     assert targets[""] == {"encoder": m.encoder}

@@ -12,8 +12,8 @@ from torch import nn
 
 from embedkit.models.build import init_encoder_from, load_encoder, tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
-from embedkit.objectives.cosent import CoSENT, cosent_loss
-from embedkit.objectives.infonce import InfoNCE, info_nce_loss
+from embedkit.objectives.cosent import CoSENT, CoSENTLoss, cosent_loss
+from embedkit.objectives.infonce import InfoNCE, InfoNCELoss, info_nce_loss
 from embedkit.objectives.matryoshka import Matryoshka, TruncatedEncoder, truncate
 
 from _numerics import RTOL32, RTOL64, assert_close_scaled
@@ -81,8 +81,7 @@ def test_equals_sentence_transformers_matryoshka_around_mnrl(group_size, weights
     B, D, temperature = 6, 32, 0.05
     dims = [32, 16, 8, 4]
     q, p = _vectors(B, D, seed=1), _vectors(B * group_size, D, seed=2)   # raw, not normalised
-    ours = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=temperature,
-                                                          train_group_size=group_size),
+    ours = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=temperature),
                       dims=dims, weights=weights)
     loss = ours.loss_from_embeddings({"query": q, "passages": p}, batch=None)
 
@@ -116,18 +115,18 @@ def test_loss_is_the_weighted_sum_of_inner_losses_on_truncated_embeddings():
     B, D = 5, 16
     q, p = _vectors(B, D, seed=5), _vectors(2 * B, D, seed=6)
     dims, weights = [16, 8, 2], [0.5, 2.0, 3.0]
-    mrl = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=0.1, train_group_size=2),
+    mrl = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=0.1),
                      dims=dims, weights=weights)
     loss = mrl.loss_from_embeddings({"query": q, "passages": p}, None)
     expected = sum(w * info_nce_loss(F.normalize(q[:, :d], dim=-1), F.normalize(p[:, :d], dim=-1), 0.1)
                    for d, w in zip(dims, weights))
     assert_close_scaled(loss, expected, RTOL64)
     # A zero weight removes that width entirely; default weights are all 1.
-    only_8 = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=0.1, train_group_size=2),
+    only_8 = Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE, temperature=0.1),
                         dims=dims, weights=[0.0, 1.0, 0.0])
     assert_close_scaled(only_8.loss_from_embeddings({"query": q, "passages": p}, None),
                         info_nce_loss(truncate(q, 8), truncate(p, 8), 0.1), RTOL64)
-    assert Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE), dims=dims).weights == [1.0] * 3
+    assert Matryoshka(_FixedEncoder(D), functools.partial(InfoNCE), dims=dims).loss.weights == [1.0] * 3
 
 
 def test_gradients_of_every_width_reach_the_full_embedding():
@@ -145,7 +144,7 @@ def test_gradients_of_every_width_reach_the_full_embedding():
 def test_truncate_keys_leave_other_tensors_alone():
     mrl = Matryoshka(_FixedEncoder(8), functools.partial(InfoNCE), dims=[4], truncate_keys=["query"])
     emb = {"query": _vectors(2, 8), "weights": _vectors(2, 8, seed=1)}
-    out = mrl.truncated(emb, 4)
+    out = mrl.loss.truncated(emb, 4)
     assert out["query"].shape == (2, 4) and out["weights"] is emb["weights"]
 
 
@@ -174,22 +173,30 @@ def test_encoder_runs_once_per_step_whatever_the_number_of_dims(tokenizer, dims)
     assert all(p.grad is not None for p in encoder.backbone.encoder.parameters())
 
 
-def test_the_inner_objective_trains_the_same_encoder_and_lends_its_optimiser_settings(tokenizer):
+def test_the_inner_loss_trains_the_same_encoder_and_lends_its_optimiser_settings(tokenizer):
+    import pytorch_lightning as pl
+
     encoder = _encoder(tokenizer)
-    mrl = Matryoshka(encoder, functools.partial(InfoNCE, lr=1e-4, weight_decay=0.05, warmup_ratio=0.2),
+    adamw = functools.partial(torch.optim.AdamW, weight_decay=0.05)
+    mrl = Matryoshka(encoder, functools.partial(InfoNCE, lr=1e-4, optimizer=adamw, warmup_ratio=0.2),
                      dims=[32, 16])
-    assert mrl.inner.encoder is encoder and mrl.encoder is encoder
-    assert (mrl.lr, mrl.weight_decay, mrl.warmup_ratio) == (1e-4, 0.05, 0.2)
-    assert Matryoshka(encoder, functools.partial(InfoNCE, lr=1e-4), dims=[32], lr=3e-3).lr == 3e-3
-    # Parameters are not listed twice although the encoder is reachable through both modules.
+    # The wrapper composes the inner loss part: no nested LightningModule, one encoder.
+    assert isinstance(mrl.loss.inner, InfoNCELoss) and mrl.encoder is encoder
+    assert [m for m in mrl.modules() if isinstance(m, pl.LightningModule)] == [mrl]
+    # Settings the wrapper leaves unset are the inner objective's; ones it sets must agree.
+    assert (mrl.lr, mrl.optimizer_factory.keywords["weight_decay"], mrl.warmup_ratio) == (1e-4, 0.05, 0.2)
+    with pytest.raises(ValueError, match=r"inner\.lr=0\.0001 differs from the wrapper's lr=0\.003"):
+        Matryoshka(encoder, functools.partial(InfoNCE, lr=1e-4), dims=[32], lr=3e-3)
+    assert Matryoshka(encoder, functools.partial(InfoNCE, lr=1e-4), dims=[32], lr=1e-4).lr == 1e-4
+    # Parameters are not listed twice although the encoder is reachable through both parts.
     assert len(list(mrl.parameters())) == len(list(encoder.parameters()))
-    with pytest.raises(ValueError, match="same encoder"):
+    with pytest.raises(TypeError, match="built InfoNCE"):
         Matryoshka(encoder, InfoNCE(_encoder(tokenizer)), dims=[16])
 
 
-def test_rejects_bad_dims_weights_and_group_sizes(tokenizer):
+def test_rejects_bad_dims_and_weights(tokenizer):
     encoder = _encoder(tokenizer)
-    inner = functools.partial(InfoNCE, train_group_size=2)
+    inner = functools.partial(InfoNCE)
     with pytest.raises(ValueError, match="exceed"):
         Matryoshka(encoder, inner, dims=[16, 64])
     with pytest.raises(ValueError, match="weights"):
@@ -198,16 +205,16 @@ def test_rejects_bad_dims_weights_and_group_sizes(tokenizer):
         Matryoshka(encoder, inner, dims=[0, 32])
     with pytest.raises(ValueError, match="repeat"):
         Matryoshka(encoder, inner, dims=[16, 16])
-    with pytest.raises(ValueError, match="train_group_size"):
-        Matryoshka(encoder, InfoNCE(encoder, train_group_size=2), dims=[32], train_group_size=4)
+    with pytest.raises(ValueError, match="temperature"):
+        Matryoshka(encoder, InfoNCELoss(temperature=0.02), dims=[32], temperature=0.05)
 
 
 def test_other_settings_reach_the_inner_objective(tokenizer):
     encoder = _encoder(tokenizer)
-    inner = functools.partial(InfoNCE, temperature=0.02, train_group_size=2)
-    mrl = Matryoshka(encoder, inner, dims=[32], train_group_size=4, temperature=0.05)
-    assert (mrl.inner.train_group_size, mrl.inner.temperature, mrl.train_group_size) == (4, 0.05, 4)
-    assert Matryoshka(encoder, inner, dims=[32]).train_group_size == 2
+    inner = functools.partial(InfoNCE, temperature=0.02)
+    mrl = Matryoshka(encoder, inner, dims=[32], temperature=0.05)
+    assert mrl.loss.inner.temperature == 0.05
+    assert Matryoshka(encoder, inner, dims=[32]).loss.inner.temperature == 0.02
 
 
 def test_training_with_lightning_logs_every_width_and_the_inner_diagnostics(tokenizer):
@@ -332,17 +339,16 @@ def test_config_builds_the_inner_objective_around_the_same_encoder(tokenizer):
     from hydra.utils import instantiate
 
     encoder = _encoder(tokenizer)
-    cfg = _compose(["objective=matryoshka", "objective.dims=[8,16,32]",
-                    "objective.inner.train_group_size=2"])
-    assert cfg.data.train_group_size == 2             # contrastive data reads the inner group size
+    cfg = _compose(["objective=matryoshka", "objective.dims=[8,16,32]", "data.train_group_size=2"])
+    assert "train_group_size" not in cfg.objective.inner   # the data owns the group size
     mrl = instantiate(cfg.objective, encoder=encoder)
-    assert isinstance(mrl.inner, InfoNCE) and mrl.inner.encoder is encoder
-    assert mrl.dims == [8, 16, 32] and mrl.inner.train_group_size == 2
+    assert isinstance(mrl.loss.inner, InfoNCELoss) and mrl.encoder is encoder
+    assert mrl.loss.dims == [8, 16, 32]
 
     cfg = _compose(["objective=matryoshka", "objective@objective.inner=cosent", "data=sts_pairs",
                     "objective.dims=[16,32]"])
     mrl = instantiate(cfg.objective, encoder=encoder)
-    assert isinstance(mrl.inner, CoSENT) and mrl.inner.encoder is encoder
+    assert isinstance(mrl.loss.inner, CoSENTLoss) and mrl.encoder is encoder
 
 
 def test_mrl_experiment_matches_conan_scaled_down():
@@ -359,5 +365,5 @@ def test_paper_scale_settings_reach_the_inner_objective():
 
     cfg = _compose(["+experiment=mrl_dims", "scale=paper"])
     mrl = instantiate(cfg.objective, encoder=_FixedEncoder(1792))
-    assert mrl.inner.temperature == cfg.objective.temperature       # scale=paper's, not infonce.yaml's
+    assert mrl.loss.inner.temperature == cfg.objective.temperature  # scale=paper's, not infonce.yaml's
     assert mrl.lr == cfg.objective.lr and mrl.lr <= 3e-5

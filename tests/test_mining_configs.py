@@ -17,7 +17,7 @@ def _compose(name, overrides):
 
 def test_mining_settings_are_sweepable_data_settings():
     cfg = _compose("train", ["data=zh_mini_mined", "data.mining.range_for_sampling=2-200",
-                             "data.mining.negative_number=3", "objective.train_group_size=2"])
+                             "data.mining.negative_number=3", "data.train_group_size=2"])
     assert cfg.data.mining.range_for_sampling == "2-200" and cfg.data.mining.negative_number == 3
     assert cfg.data.train_group_size == 2
     cfg = _compose("train", ["data=mined_file", "data.sources.0.pattern=/tmp/mined.jsonl"])

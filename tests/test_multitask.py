@@ -1,5 +1,7 @@
 """Multi-task training (Conan CBB vs sequential random task): what a step holds and what it sums."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,8 @@ from embedkit.data.sts import StsDataModule
 from embedkit.models.build import tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT, cosent_loss
-from embedkit.objectives.infonce import InfoNCE, info_nce_loss
-from embedkit.objectives.multitask import MultiTask
+from embedkit.objectives.infonce import InfoNCE, InfoNCELoss, info_nce_loss
+from embedkit.objectives.multitask import MultiTask, MultiTaskLoss
 
 from _numerics import RTOL64
 
@@ -65,8 +67,8 @@ def _module(tokenizer, **kw):
     torch.manual_seed(0)
     encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                               dropout=0.0)
-    tasks = {"retrieval": lambda encoder: InfoNCE(encoder, temperature=0.05),
-             "sts": lambda encoder: CoSENT(encoder, scale=20.0)}
+    tasks = {"retrieval": functools.partial(InfoNCE, temperature=0.05),
+             "sts": functools.partial(CoSENT, scale=20.0)}
     return MultiTask(encoder, tasks, **kw)
 
 
@@ -92,10 +94,7 @@ def test_retrieval_shards_share_queries_and_positives_with_their_own_negatives()
     torch.manual_seed(0)
     q = F.normalize(torch.randn(3, 8, dtype=torch.float64), dim=-1)   # float64: as above
     p = F.normalize(torch.randn(3 * 5, 8, dtype=torch.float64), dim=-1)   # per query: pos + 4 negatives
-    module = MultiTask.__new__(MultiTask)
-    torch.nn.Module.__init__(module)
-    module.tasks = torch.nn.ModuleDict({"retrieval": InfoNCE(None, temperature=0.05)})
-    module.retrieval_shards = 2
+    module = MultiTaskLoss({"retrieval": InfoNCELoss(temperature=0.05)}, retrieval_shards=2)
     got = module.task_loss("retrieval", {"query": q, "passages": p}, None)
     g = p.view(3, 5, 8)
     shard0 = torch.cat([g[:, :1], g[:, 1:3]], 1).reshape(-1, 8)   # pos, neg1, neg2

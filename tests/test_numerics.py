@@ -146,15 +146,16 @@ def test_every_objective_config_exposes_the_policy():
         assert cfg.objective.on_nonfinite_loss == "skip", name
 
 
-def test_retromae_has_its_own_step_and_the_same_check(tokenizer):
-    """RetroMAE overrides training_step; a NaN there stops the run the same way."""
+def test_retromae_has_the_same_check(tokenizer):
+    """RetroMAE trains with the shared step (its own loss parts logged beside the loss); a NaN
+    there stops the run the same way."""
     from embedkit.objectives.retromae import RetroMAE
 
     encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     module = RetroMAE(encoder)
     module.embed = lambda batch: {}
-    module.loss_parts = lambda emb, batch: {"loss": torch.tensor(float("nan")),
-                                            "encoder_mlm_loss": torch.tensor(1.0),
-                                            "decoder_loss": torch.tensor(float("nan"))}
+    module.loss.loss_parts = lambda emb, batch: {"loss": torch.tensor(float("nan")),
+                                                 "encoder_mlm_loss": torch.tensor(1.0),
+                                                 "decoder_loss": torch.tensor(float("nan"))}
     with pytest.raises(NonFiniteLossError, match=r"global step 0 .*batch index 7, batch size 3"):
         module.training_step({"input_ids": torch.zeros(3, 5, dtype=torch.long)}, 7)

@@ -108,8 +108,8 @@ def test_a_broken_eval_file_fails_preflight_and_good_tasks_stay_loaded(compose_r
      "stages.cbb.objective.retrieval_shards: expected int, got 'two' (str) (row: +CBB)"),
     (["+experiment=conan_ablation", "stages.general.data.batch_size=big"],
      "stages.general.data.batch_size: expected int, got 'big' (str)"),
-    (["+experiment=bge_ablation_recipe", "stages.pretrain.objective.encoder_mask_ratio=[0.3]"],
-     "stages.pretrain.objective.encoder_mask_ratio: expected float, got [0.3] (list)"),
+    (["+experiment=bge_ablation_recipe", "stages.pretrain.data.encoder_mask_ratio=[0.3]"],
+     "stages.pretrain.data.encoder_mask_ratio: expected float, got [0.3] (list)"),
 ])
 def test_a_value_of_the_wrong_type_fails_before_any_data_is_read(compose_run, monkeypatch, overrides, message):
     cfg = compose_run(overrides)
@@ -120,10 +120,10 @@ def test_a_value_of_the_wrong_type_fails_before_any_data_is_read(compose_run, mo
 
 
 def test_an_interpolated_value_names_where_it_comes_from(compose_run):
-    cfg = compose_run(["objective.train_group_size=four"])
+    cfg = compose_run(["objective=matryoshka", "objective.lr=fast"])   # the inner objective follows it
     problems = config_problems(cfg, recipe.ablation_rows(cfg))
-    assert "data.train_group_size: expected int, got 'four' (str) (from ${objective.train_group_size})" in problems
-    assert "objective.train_group_size: expected int, got 'four' (str)" in problems
+    assert "objective.inner.lr: expected float or None, got 'fast' (str) (from ${..lr})" in problems
+    assert "objective.lr: expected float or None, got 'fast' (str)" in problems
 
 
 @pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])

@@ -232,7 +232,7 @@ def _ce_by_hand(logits, labels):
 def test_loss_is_encoder_mlm_plus_decoder_reconstruction(model64, batch):
     model = model64
     with torch.no_grad():
-        parts = model.loss_parts(model.embed(batch), batch)
+        parts = model.loss.loss_parts(model.embed(batch), batch)
         out = model(batch)
         total = model.loss_from_embeddings(model.embed(batch), batch)
     enc = _ce_by_hand(out["encoder_logits"], batch["labels"])
@@ -242,7 +242,7 @@ def test_loss_is_encoder_mlm_plus_decoder_reconstruction(model64, batch):
     assert parts["decoder_loss"].item() == pytest.approx(dec.item(), rel=RTOL64)
     assert total.item() == pytest.approx(enc.item() + dec.item(), rel=RTOL64)
     # a fresh model is near the uniform-distribution loss
-    assert dec.item() == pytest.approx(math.log(model.mlm_head.bias.numel()), rel=0.15)
+    assert dec.item() == pytest.approx(math.log(model.loss.mlm_head.bias.numel()), rel=0.15)
 
 
 def test_mlm_head_is_tied_to_the_word_embeddings(model, model64):
@@ -254,7 +254,7 @@ def test_mlm_head_is_tied_to_the_word_embeddings(model, model64):
     emb = model.encoder.backbone.embeddings.word_embeddings.weight
     assert sum(p is emb for p in model.parameters()) == 1
     h = torch.randn(3, emb.shape[1], dtype=torch.float64)
-    t = model.mlm_head
+    t = model.loss.mlm_head
     want = t.LayerNorm(F.gelu(t.dense(h))) @ emb.T + t.bias
     with torch.no_grad():
         assert_close_scaled(model.mlm_logits(h), want, RTOL64)
@@ -275,7 +275,7 @@ def test_decoder_layer_matches_a_naive_recomputation(model64, batch):
                                 + emb.token_type_embeddings(torch.zeros(n, dtype=torch.long)))
         kv = torch.cat([h, content[1:]])
         qs = h + emb.position_embeddings(torch.arange(n))
-        d = model.decoder
+        d = model.loss.decoder
         heads, hd = d.num_heads, d.head_dim
         out = torch.empty(n, qs.shape[1], dtype=qs.dtype)
         for i in range(n):
@@ -302,7 +302,7 @@ def test_decoder_never_lets_position_i_see_token_i(model, batch):
         base = model.mlm_logits(model.decoder_hidden(h, ids, A))
         for i in range(1, n - 1, 3):
             changed = ids.clone()
-            changed[k, i] = ids[k, i] + 1 if ids[k, i] + 1 < len(model.mlm_head.bias) else 5
+            changed[k, i] = ids[k, i] + 1 if ids[k, i] + 1 < len(model.loss.mlm_head.bias) else 5
             new = model.mlm_logits(model.decoder_hidden(h, changed, A))
             # A hidden key gets weight exp(finfo.min) = 0 exactly, so the hidden rows' logits do
             # not move at all (< 1e-5 is a margin over 0); a visible token moves them by ≫ 1e-6.
@@ -320,11 +320,11 @@ def test_query_stream_variants(model, batch):
         q = model.query_stream_input(h, 10)
         pos = model.encoder.backbone.embeddings.position_embeddings.weight[:10]
         assert torch.allclose(q, h[:, None] + pos[None], atol=1e-6)
-        model.query_stream = "embeddings"
+        model.loss.query_stream = "embeddings"
         try:
             q2 = model.query_stream_input(h, 10)
         finally:
-            model.query_stream = "position"
+            model.loss.query_stream = "position"
     assert torch.allclose(q2.mean(-1), torch.zeros(q2.shape[:2]), atol=1e-4)  # went through LayerNorm
 
 
@@ -341,8 +341,8 @@ def test_mlm_head_init_copies_a_checkpoint_head(zh_tok, tmp_path):
     enc = tiny_zh_encoder(zh_tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     m = RetroMAE(enc, mlm_head_init=str(tmp_path))
     src = BertForMaskedLM.from_pretrained(tmp_path).cls.predictions
-    assert torch.allclose(m.mlm_head.dense.weight, src.transform.dense.weight)
-    assert torch.allclose(m.mlm_head.bias, src.decoder.bias)
+    assert torch.allclose(m.loss.mlm_head.dense.weight, src.transform.dense.weight)
+    assert torch.allclose(m.loss.mlm_head.bias, src.decoder.bias)
 
 
 # ---------------------------------------------------------------- (f, g) training and saving
@@ -361,7 +361,7 @@ def test_short_run_lowers_loss_and_encoder_round_trips(pd_rows, zh_tok, tmp_path
     def fixed_loss():
         module.eval()
         with torch.no_grad():
-            return {k: v.item() for k, v in module.loss_parts(module.embed(fixed), fixed).items()}
+            return {k: v.item() for k, v in module.loss.loss_parts(module.embed(fixed), fixed).items()}
 
     before = fixed_loss()
     module.train()
@@ -388,7 +388,7 @@ def test_short_run_lowers_loss_and_encoder_round_trips(pd_rows, zh_tok, tmp_path
     assert np.allclose(enc.encode(texts), reloaded.encode(texts), atol=1e-5)
     # and the decoder + head, saved beside it, reload into a fresh module
     again = RetroMAE(reloaded).eval()
-    again.load_decoder(out / DECODER_DIR)
+    again.loss.load_decoder(out / DECODER_DIR)
     module.eval()
     with torch.no_grad():
         assert torch.allclose(module(fixed)["decoder_logits"], again(fixed)["decoder_logits"], atol=1e-4)
@@ -404,7 +404,7 @@ def test_corpus_sources_are_text_rows():
     assert len(reviews) == 20 and all(set(r) == {"text"} and r["text"] for r in reviews)
 
 
-def test_config_takes_mask_ratios_from_the_objective():
+def test_config_keeps_the_mask_ratios_with_the_data():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -414,10 +414,11 @@ def test_config_takes_mask_ratios_from_the_objective():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["objective=retromae", "data=pd_corpus",
-                                                      "objective.decoder_mask_ratio=0.45"])
+                                                      "data.decoder_mask_ratio=0.45"])
     GlobalHydra.instance().clear()
     assert cfg.objective._target_ == "embedkit.objectives.retromae.RetroMAE"
     assert OmegaConf.select(cfg, "data.encoder_mask_ratio") == 0.3
     assert OmegaConf.select(cfg, "data.decoder_mask_ratio") == 0.45
+    assert "encoder_mask_ratio" not in cfg.objective   # only the collator applies them
     assert cfg.objective.lr == 1e-4 and cfg.objective.warmup_ratio == 0.1
-    assert cfg.objective.weight_decay == 0.01
+    assert cfg.objective.optimizer.weight_decay == 0.01 and cfg.objective.optimizer.lr == 1e-4

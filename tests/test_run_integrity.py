@@ -326,7 +326,7 @@ def test_a_loss_of_exactly_zero_on_every_batch_stops_the_stage():
 
 @pytest.mark.slow
 def test_a_run_with_nothing_to_contrast_fails_instead_of_reporting_an_untrained_model(tmp_path):
-    res = _run(tmp_path, "experiment_name=zero", *SMOKE, "data.batch_size=1", "objective.train_group_size=1")
+    res = _run(tmp_path, "experiment_name=zero", *SMOKE, "data.batch_size=1", "data.train_group_size=1")
     assert res.returncode != 0
     assert "the training loss was exactly 0 on all 3 batches" in res.stderr
     (run,) = (tmp_path / "logs" / "zero" / "runs").iterdir()

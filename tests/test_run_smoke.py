@@ -57,7 +57,7 @@ def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_writes_each_job_and_an_aggregate(tmp_path):
     _run(["-m", "+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv",
-          "data.batch_size=16,32", "objective.train_group_size=1,2", "eval.tasks=[CMRCRetrieval,STSB]"],
+          "data.batch_size=16,32", "data.train_group_size=1,2", "eval.tasks=[CMRCRetrieval,STSB]"],
          tmp_path, timeout=400)
     (sweep_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "results.json").exists())
@@ -66,7 +66,7 @@ def test_multirun_sweep_writes_each_job_and_an_aggregate(tmp_path):
     assert steps == {3}
     table = _rows(sweep_dir / "sweep_table.csv")
     assert {r["job"] for r in table} == {
-        f"data.batch_size={b},objective.train_group_size={g}" for b in (16, 32) for g in (1, 2)}
+        f"data.batch_size={b},data.train_group_size={g}" for b in (16, 32) for g in (1, 2)}
     assert all(math.isfinite(float(r["Avg"])) for r in table)
     assert all(r["Retrieval"] and r["STS"] and not r["CLF"] for r in table)  # only the two tasks asked for
 

@@ -82,7 +82,7 @@ def test_trust_remote_code_defaults_to_false_everywhere():
     from embedkit.objectives.retromae import RetroMAE
 
     for fn in (build.pretrained_tokenizer, build.hf_encoder, build.load_encoder,
-               build._backbone_without_pooler, RetroMAE.__init__):
+               build._backbone_without_pooler, RetroMAE):   # the objective's arguments: its loss part's
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__qualname__
 
 

@@ -224,8 +224,8 @@ class MLMCollator:
 class MLMDataModule(TextDataModule):
     """Serves RetroMAE batches of single texts; sources return `{"text": ...}` rows.
 
-    The mask ratios belong to the objective; the configs pass them here by interpolation
-    (`${objective.encoder_mask_ratio}`), so one setting drives both. `query_instruction` is not
+    The mask ratios are the data's (`data.encoder_mask_ratio`, `data.decoder_mask_ratio`): only the
+    collator applies them, the RetroMAE loss never reads them. `query_instruction` is not
     used for training (plain text has no queries); it is kept because the evaluation config reads
     `${data.query_instruction}` to score a model with the instruction it was trained with: none.
     """

@@ -8,7 +8,7 @@ and s, the latest such score. Every `check_every` steps (100 in the paper) a sam
 
 i.e. its negatives score clearly lower than they did and are not near-duplicates of the query. The
 i-th replacement takes ranks (i−1)·n + offset .. i·n + offset (offset 10, n = the number of negatives
-per sample, `train_group_size − 1`) of the sample's precomputed candidate ranking: the clean
+per sample, `data.train_group_size − 1`) of the sample's precomputed candidate ranking: the clean
 ranking from the ANN miner (embedkit/mining/ann.py, query and positives removed, rank 0 first).
 
 Cost. s0 and s are read from the training step's own embeddings (the objective leaves them in
@@ -137,7 +137,7 @@ class DynamicHardNegatives(pl.Callback):
         """Bind to a GroupDataset (and the encoder and pad id that re-scoring uses)."""
         if dataset.group_size < 2:
             raise ValueError("dynamic hard-negative mining needs hard negatives: set "
-                             "objective.train_group_size >= 2")
+                             "data.train_group_size >= 2")
         self.dataset = dataset
         self.encoder = encoder
         self.pad_id = pad_id

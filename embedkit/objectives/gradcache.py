@@ -19,10 +19,12 @@ what stays resident is E, G and one score matrix. Rows are sliced, not re-padded
 keeps the batch's padded width (per-token outputs such as M3's concatenate unchanged); the
 length-grouped batches of embedkit/data/contrastive.py keep that padding small.
 
-The objective supplies `embed_tokens(side, features)` (one column's part of `embed`), and its
-`loss_from_embeddings` is reused as is: InfoNCE (with or without cross-device negatives), CoSENT,
-Matryoshka (the wrapper caches, the inner loss runs once per width) and M3 (dense, sparse and
-multi-vector outputs all take part in the surrogate).
+The objective supplies `embed_tokens(side, features)` (one column's part of `embed`, from its
+loss part's `EmbeddingLoss.embed_tokens`), and its `loss_from_embeddings` is reused as is: InfoNCE
+(with or without cross-device negatives), CoSENT, Matryoshka (the wrapper caches, the inner loss
+runs once per width) and M3 (dense, sparse and multi-vector outputs all take part in the
+surrogate). The cached embeddings are left in the objective's `last_embeddings`, as the plain step
+does, so callbacks that read them (dynamic hard-negative mining) see every step.
 
 In Lightning the step runs under manual optimisation (`self.manual_backward`, so mixed-precision
 loss scaling applies). Because Lightning refuses `gradient_clip_val` and `accumulate_grad_batches`
@@ -214,6 +216,8 @@ class GradCache:
     def training_step(self, module, batch, batch_idx):
         trainer = module.trainer
         loss, embeddings, chunks, grads = self.cached_loss(module, batch)
+        # Callbacks read the step's embeddings (dynamic hard-negative mining): the cached ones here.
+        module.keep_embeddings(embeddings)
         size = module.batch_size_of(batch)
         boundary = ((batch_idx + 1) % self.accumulate_grad_batches == 0
                     or bool(getattr(trainer, "is_last_batch", False)))
@@ -227,9 +231,7 @@ class GradCache:
                 return ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
 
             self.replay(module, batch, chunks, grads, module.manual_backward, context_for)
-            module.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-            with torch.no_grad():
-                module.log_extras({k: v.detach() for k, v in embeddings.items()}, batch)
+            module.log_step(loss.detach(), {k: v.detach() for k, v in embeddings.items()}, batch, size)
         if boundary:
             optimizer = module.optimizers()
             has_grads = any(p.grad is not None for p in module.parameters())

@@ -1,17 +1,7 @@
 """InfoNCE with in-batch and hard negatives: C-Pack's contrastive objective (stages 2 and 3).
 
-For B queries q_i and the flattened passages P (B·G rows; row i·G is q_i's positive, the next G−1
-rows its hard negatives), with L2-normalised embeddings and temperature τ:
-
-    L = −(1/B) Σ_i log( exp(q_i·p_{i·G}/τ) / Σ_{j<B·G} exp(q_i·p_j/τ) )
-
-so every query sees B·G − 1 negatives: its own hard negatives and every other row's passages
-(C-Pack, Xiao et al. 2023, §4.2; FlagEmbedding `_compute_in_batch_neg_loss`). This equals
-sentence-transformers' MultipleNegativesRankingLoss with scale = 1/τ on the same embeddings.
-
-Defaults: τ = 0.02 (FlagEmbedding since BGE v1.5; v1 used 0.01), train_group_size = 1, i.e.
-in-batch negatives only as in C-Pack's general-purpose stage; the task stage uses 8 in
-FlagEmbedding's defaults. The query instruction is applied by the data module to queries only.
+`InfoNCELoss` is the loss (formula, paper, arguments, batch: its docstring); `InfoNCE` trains it
+as a LightningModule with the shared optimisation of embedkit/objectives/base.py.
 
 Cross-device negatives (`negatives_cross_device=True`, FlagEmbedding's `--negatives_cross_device`):
 under DDP with W ranks of B queries each, every rank scores its own queries against the passages
@@ -32,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from embedkit.models.encoder import TextEncoder
-from embedkit.objectives.base import EmbeddingObjective
+from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 from embedkit.objectives.cross_device import gather_rows
 
 
@@ -57,27 +47,50 @@ def info_nce_loss_grouped(q: torch.Tensor, p: torch.Tensor, temperature: float, 
     return F.cross_entropy(scores, target)
 
 
-class InfoNCE(EmbeddingObjective):
-    def __init__(self, encoder: TextEncoder, temperature: float = 0.02, train_group_size: int = 1,
-                 lr: float = 3e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error", grad_cache=None,
-                 negatives_cross_device: bool = False):
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
+class InfoNCELoss(EmbeddingLoss):
+    """InfoNCE over in-batch and hard negatives.
+
+    Formula:
+        For B queries q_i and the flattened passages P (B·G rows; row i·G is q_i's positive, the
+        next G−1 rows its hard negatives), with L2-normalised embeddings and temperature τ:
+
+            L = −(1/B) Σ_i log( exp(q_i·p_{i·G}/τ) / Σ_{j<B·G} exp(q_i·p_j/τ) )
+
+        so every query sees B·G − 1 negatives: its own hard negatives and every other row's
+        passages. This equals sentence-transformers' MultipleNegativesRankingLoss with
+        scale = 1/τ on the same embeddings (tests/test_infonce.py).
+
+    Paper:
+        C-Pack (Xiao et al. 2023, arXiv:2309.07597), §4.2; FlagEmbedding
+        `_compute_in_batch_neg_loss`.
+
+    Arguments (paper defaults):
+        temperature: τ = 0.02 (FlagEmbedding since BGE v1.5; v1 used 0.01).
+        negatives_cross_device: False; True scores against every DDP rank's passages
+            (FlagEmbedding's `--negatives_cross_device`; see the module docstring).
+
+    Batch:
+        {"query": tokens (B rows), "passages": tokens (B·G rows, query i's group at rows
+        i·G .. i·G+G−1, its positive first)} (`embedkit.data.contrastive.ContrastiveDataModule`).
+        G, the group size, is read from the shapes; the data sets it (`data.train_group_size`:
+        1 = in-batch negatives only, C-Pack's general-purpose stage; FlagEmbedding's task stage
+        uses 8). The query instruction is applied by the data module to queries only.
+    """
+
+    def __init__(self, temperature: float = 0.02, negatives_cross_device: bool = False):
+        super().__init__()
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = temperature
-        self.train_group_size = train_group_size
         self.negatives_cross_device = bool(negatives_cross_device)
-        self.save_hyperparameters(ignore=["encoder"])
 
-    def embed(self, batch) -> dict[str, torch.Tensor]:
-        return {"query": self.encoder(**batch["query"]), "passages": self.encoder(**batch["passages"])}
+    def embed(self, encoder: TextEncoder, batch) -> dict[str, torch.Tensor]:
+        return {"query": encoder(**batch["query"]), "passages": encoder(**batch["passages"])}
 
-    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
-        return {side: self.encoder(**features)}
+    def embed_tokens(self, encoder: TextEncoder, side, features) -> dict[str, torch.Tensor]:
+        return {side: encoder(**features)}
 
-    def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
+    def forward(self, embeddings, batch) -> torch.Tensor:
         q, p = embeddings["query"], embeddings["passages"]
         if not self.negatives_cross_device:
             return info_nce_loss(q, p, self.temperature)
@@ -113,10 +126,18 @@ class InfoNCE(EmbeddingObjective):
             total = total + loss.detach().to(total.dtype)
         return total, {"query": grad_q, "passages": p.grad}
 
-    def log_extras(self, embeddings, batch) -> None:
+    def diagnostics(self, embeddings, batch) -> dict[str, torch.Tensor]:
         q, p = embeddings["query"], embeddings["passages"]
         g = p.shape[0] // q.shape[0]
-        self.log("train/pos_score", (q * p[::g]).sum(-1).mean(), batch_size=q.shape[0])
+        out = {"pos_score": (q * p[::g]).sum(-1).mean()}
         if g > 1:
             negs = (q.unsqueeze(1) * p.view(q.shape[0], g, -1)[:, 1:]).sum(-1)
-            self.log("train/hard_neg_score", negs.mean(), batch_size=q.shape[0])
+            out["hard_neg_score"] = negs.mean()
+        return out
+
+
+class InfoNCE(EmbeddingObjective):
+    """InfoNCELoss as a LightningModule: `InfoNCE(encoder, <InfoNCELoss's arguments>, <the shared
+    settings of EmbeddingObjective>)`."""
+
+    loss_class = InfoNCELoss

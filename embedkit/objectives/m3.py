@@ -1,26 +1,11 @@
 """BGE-M3: dense, sparse and multi-vector retrieval from one encoder, with self-knowledge distillation.
 
-Paper: Chen, Xiao, Zhang, Luo, Lian, Liu, "BGE M3-Embedding: Multi-Lingual, Multi-Functionality,
-Multi-Granularity Text Embeddings Through Self-Knowledge Distillation" (2024, arXiv:2402.03216),
-§3.2-3.3. Code: FlagEmbedding `research/BGE_M3/modeling.py` and
-`FlagEmbedding/finetune/embedder/encoder_only/m3/modeling.py` (paraphrased in
-/work/shared/reference/flagembedding.md §4; nothing is copied).
-
-Heads (embedkit/models/m3_heads.py): s_dense = ⟨e_q, e_p⟩ on the normalised pooled vectors (CLS in the
-paper and with model=hf; mean for the mini tiny_zh model, see its config); s_lex = Σ over
-shared tokens of w_q·w_p with w = ReLU(Linear(D,1)(h)), max over repeats, specials zeroed;
-s_mul = mean over query tokens of the max ⟨E_q[i], E_p[j]⟩ with E = normalize(Linear(D,D)(h))
-on every token but CLS. Every score is divided by the temperature τ in training.
-
-For B queries and the flattened passages (B·G rows; row i·G is query i's positive, the other
-rows of its group its hard negatives, as `info_nce_loss`), each head scores the full (B, B·G)
-in-batch matrix. With InfoNCE(s) = −(1/B) Σ_i log softmax_j(s_ij / τ)[i·G]:
-
-    s_inter = w_dense·s_dense + w_lex·s_lex + w_mul·s_mul           (w = 1, 0.3, 1)
-    L  = (λ_dense·L_dense + L_inter + λ_lex·L_lex + λ_mul·L_mul) / 4  (λ = 1, 0.1, 1)
-    L'_x = −(1/B) Σ_i Σ_j p*_ij · log softmax_j(s_x,ij / τ),  p* = softmax(stopgrad(s_inter) / τ)
-    L' = (λ_dense·L'_dense + λ_lex·L'_lex + λ_mul·L'_mul) / 3
-    loss = (L + L') / 2             (self-distillation on; L alone when it is off)
+`M3Loss` is the loss (formula, paper, arguments, batch: its docstring); `M3` trains it as a
+LightningModule with the shared optimisation of embedkit/objectives/base.py. Code: FlagEmbedding
+`research/BGE_M3/modeling.py` and `FlagEmbedding/finetune/embedder/encoder_only/m3/modeling.py`
+(paraphrased in /work/shared/reference/flagembedding.md §4; nothing is copied). The official
+unified fine-tune script trains at lr 5e-6 (README: 1e-5); the mini scale here uses a larger one
+for a fresh tiny BERT (conf/objective/m3.yaml).
 
 Negatives: the official code scores sparse, multi-vector and the ensemble over the local in-batch
 matrix (every query against all B·G passages of the device's batch) and gathers passages across
@@ -30,18 +15,6 @@ with gradient, as InfoNCE's switch), while sparse, multi-vector, s_inter and L' 
 (B, B·G) matrices, the dense one being the local block of the gathered scores (FlagEmbedding slices
 it back the same way). On one device, or with the switch off, every term is local.
 The external-teacher "m3_kd_loss" (reranker scores in the data) is not implemented either.
-
-Switches, for ablations:
-- `heads`: any non-empty subset of [dense, sparse, multivec]. With k heads, s_inter sums the
-  trained heads, L divides by k + 1 and L' by k. With a single head, L = L_head (the ensemble
-  would be the head itself) and there is no self-distillation.
-- `self_distill`: false gives L only; `self_distill_start_step` delays it (FlagEmbedding's
-  `self_distill_start_step`; here distillation is on once global_step ≥ that value).
-
-Defaults (reference §4): τ = 0.02, ensemble weights 1/0.3/1 and loss weights 1/0.1/1 (hard-coded
-in FlagEmbedding's `ensemble_score` / loss), train_group_size 8 in the paper's fine-tuning
-(7 negatives). The official unified fine-tune script trains at lr 5e-6 (README: 1e-5); the mini
-scale here uses a larger one for a fresh tiny BERT (conf/objective/m3.yaml).
 
 Evaluation (`eval_targets`): the dense encoder on the whole suite (label ""), then the retrieval
 modes on the suite's Retrieval and Reranking tasks through an mteb search model
@@ -75,7 +48,7 @@ from embedkit.models.m3_heads import (
     sparse_scores,
     special_token_ids,
 )
-from embedkit.objectives.base import EmbeddingObjective
+from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +113,61 @@ def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: fl
     return (main + distill) / 2, terms
 
 
-class M3(EmbeddingObjective):
-    def __init__(self, encoder: TextEncoder, temperature: float = 0.02, train_group_size: int = 1,
+class M3Loss(EmbeddingLoss):
+    """The BGE-M3 loss over its three heads (embedkit/models/m3_heads.py), with self-distillation.
+
+    Formula:
+        Scores: s_dense = ⟨e_q, e_p⟩ on the normalised pooled vectors (CLS in the paper and with
+        model=hf; mean for the mini tiny_zh model, see its config); s_lex = Σ over shared tokens of
+        w_q·w_p with w = ReLU(Linear(D,1)(h)), max over repeats, specials zeroed; s_mul = mean over
+        query tokens of the max ⟨E_q[i], E_p[j]⟩ with E = normalize(Linear(D,D)(h)) on every token
+        but CLS. Every score is divided by the temperature τ in training.
+
+        For B queries and the flattened passages (B·G rows; row i·G is query i's positive, the
+        other rows of its group its hard negatives, as `info_nce_loss`), each head scores the full
+        (B, B·G) in-batch matrix. With InfoNCE(s) = −(1/B) Σ_i log softmax_j(s_ij / τ)[i·G]:
+
+            s_inter = w_dense·s_dense + w_lex·s_lex + w_mul·s_mul           (w = 1, 0.3, 1)
+            L  = (λ_dense·L_dense + L_inter + λ_lex·L_lex + λ_mul·L_mul) / 4  (λ = 1, 0.1, 1)
+            L'_x = −(1/B) Σ_i Σ_j p*_ij · log softmax_j(s_x,ij / τ),  p* = softmax(stopgrad(s_inter) / τ)
+            L' = (λ_dense·L'_dense + λ_lex·L'_lex + λ_mul·L'_mul) / 3
+            loss = (L + L') / 2             (self-distillation on; L alone when it is off)
+
+        With k trained heads, s_inter sums them, L divides by k + 1 and L' by k. With a single
+        head, L = L_head (the ensemble would be the head itself) and there is no self-distillation.
+
+    Paper:
+        Chen, Xiao, Zhang, Luo, Lian, Liu, "BGE M3-Embedding: Multi-Lingual, Multi-Functionality,
+        Multi-Granularity Text Embeddings Through Self-Knowledge Distillation" (2024,
+        arXiv:2402.03216), §3.2-3.3.
+
+    Arguments (paper defaults):
+        temperature: τ = 0.02, the same for all three scores (the official examples).
+        heads: the heads to train, any non-empty subset of [dense, sparse, multivec] (all three).
+        self_distill: L' on (True) or off.
+        self_distill_start_step: the optimiser step from which L' is on (0; FlagEmbedding's
+            `self_distill_start_step`).
+        ensemble_weights: w of s_inter per head (1 / 0.3 / 1, FlagEmbedding's `ensemble_score`).
+        loss_weights: λ of each head in L and L' (1 / 0.1 / 1, hard-coded in FlagEmbedding's loss).
+        colbert_dim: output width of the multi-vector head; None or −1 = the hidden size
+            (FlagEmbedding's default).
+        eval_variants: {label: [w_dense, w_sparse, w_multivec]} of the retrieval modes to evaluate;
+            None = sparse, multivec, dense+sparse (1, 0.3), all (0.4, 0.2, 0.4).
+        query_instruction: prepended to retrieval / re-ranking queries by the search model (the
+            suite's own instruction only reaches the dense MtebEncoder); None: no instruction, as M3.
+        heads_init_from: a folder saved with `save_heads` to start the heads from; fresh heads if
+            it holds none (FlagEmbedding's behaviour when the head files are absent).
+        negatives_cross_device: False; True gathers passages over DDP ranks for L_dense only
+            (see the module docstring).
+        encoder: the encoder the heads are sized on (its hidden size and special tokens).
+
+    Batch:
+        {"query": tokens (B rows), "passages": tokens (B·G rows, query i's group at rows
+        i·G .. i·G+G−1, its positive first)}, as InfoNCE's; G is read from the shapes and set by
+        the data (`data.train_group_size`; the paper fine-tunes with 7 negatives, G = 8).
+    """
+
+    def __init__(self, encoder: TextEncoder, temperature: float = 0.02,
                  heads: Sequence[str] = HEADS, self_distill: bool = True,
                  self_distill_start_step: int = 0,
                  ensemble_weights: Mapping[str, float] | None = None,
@@ -149,28 +175,11 @@ class M3(EmbeddingObjective):
                  colbert_dim: int | None = None,
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
-                 lr: float = 3e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 on_nonfinite_loss: str = "error", grad_cache=None,
                  negatives_cross_device: bool = False):
-        """
-        heads: the heads to train (a subset of dense, sparse, multivec).
-        self_distill / self_distill_start_step: L' on or off, and from which optimiser step.
-        ensemble_weights: w of s_inter per head (default 1 / 0.3 / 1).
-        loss_weights: λ of each head in L and L' (default 1 / 0.1 / 1).
-        colbert_dim: output width of the multi-vector head; None or −1 = the hidden size.
-        eval_variants: {label: [w_dense, w_sparse, w_multivec]} of the retrieval modes to evaluate;
-            None = sparse, multivec, dense+sparse (1, 0.3), all (0.4, 0.2, 0.4).
-        query_instruction: prepended to retrieval / re-ranking queries by the search model (the
-            suite's own instruction only reaches the dense MtebEncoder).
-        heads_init_from: a folder saved with `save_heads` to start the heads from; fresh heads if
-            it holds none (FlagEmbedding's behaviour when the head files are absent).
-        """
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss, grad_cache=grad_cache)
+        super().__init__()
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
         self.temperature = float(temperature)
-        self.train_group_size = int(train_group_size)
         self.heads_trained = _check_heads(heads)
         self.self_distill = bool(self_distill)
         self.self_distill_start_step = int(self_distill_start_step)
@@ -202,14 +211,15 @@ class M3(EmbeddingObjective):
             else:
                 log.info("%s holds no M3 heads; they start fresh", heads_init_from)
         self._saved_dir: Path | None = None
-        self.save_hyperparameters(ignore=["encoder"])
+        self._last_scores: dict[str, torch.Tensor] | None = None
+        self._last_terms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ training
 
-    def _encode(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _encode(self, encoder: TextEncoder, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, mask = features["input_ids"], features["attention_mask"]
-        hidden = self.encoder.hidden_states(ids, mask)
-        out = {"": dense_from_hidden(self.encoder, hidden, mask)}
+        hidden = encoder.hidden_states(ids, mask)
+        out = {"": dense_from_hidden(encoder, hidden, mask)}
         if self.heads.has_sparse:
             out["_sparse"] = self.heads.token_weights(hidden, ids, mask)
             out["_ids"] = ids
@@ -217,16 +227,16 @@ class M3(EmbeddingObjective):
             out["_colbert"], out["_colbert_mask"] = self.heads.colbert_vectors(hidden, mask)
         return out
 
-    def embed(self, batch) -> dict[str, torch.Tensor]:
+    def embed(self, encoder, batch) -> dict[str, torch.Tensor]:
         """query / passages: dense vectors; *_sparse + *_ids: token weights and ids; *_colbert +
         *_colbert_mask: token vectors (CLS dropped) and their mask. Only trained heads appear."""
         out = {}
         for side in ("query", "passages"):
-            out.update(self.embed_tokens(side, batch[side]))
+            out.update(self.embed_tokens(encoder, side, batch[side]))
         return out
 
-    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
-        return {side + key: value for key, value in self._encode(features).items()}
+    def embed_tokens(self, encoder, side, features) -> dict[str, torch.Tensor]:
+        return {side + key: value for key, value in self._encode(encoder, features).items()}
 
     def scores(self, emb: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw (B, B·G) score matrices of the trained heads."""
@@ -242,12 +252,9 @@ class M3(EmbeddingObjective):
         return out
 
     def distill_active(self) -> bool:
-        if not self.self_distill:
-            return False
-        step = self.global_step if self._trainer is not None else 0
-        return step >= self.self_distill_start_step
+        return self.self_distill and self.global_step >= self.self_distill_start_step
 
-    def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
+    def forward(self, embeddings, batch) -> torch.Tensor:
         scores = self.scores(embeddings)
         first = next(iter(scores.values()))
         if first.shape[1] % first.shape[0]:
@@ -267,21 +274,22 @@ class M3(EmbeddingObjective):
         loss, terms = m3_loss(scores, first.shape[1] // first.shape[0], self.temperature,
                               self.ensemble_weights, self.loss_weights, self.distill_active(),
                               dense_cross=dense_cross)
-        self._last_scores = {k: v.detach() for k, v in scores.items()}  # for log_extras
-        if self._trainer is not None and self.trainer.training:
-            for name, value in terms.items():
-                key = f"train/loss_{name}" if not name.startswith("distill") else f"train/{name}"
-                self.log(key, value.detach(), batch_size=first.shape[0])
+        self._last_scores = {k: v.detach() for k, v in scores.items()}   # for diagnostics
+        self._last_terms = {k: v.detach() for k, v in terms.items()}
         return loss
 
-    def log_extras(self, embeddings, batch) -> None:
-        scores = getattr(self, "_last_scores", None) or self.scores(embeddings)
+    def diagnostics(self, embeddings, batch) -> dict[str, torch.Tensor]:
+        # Every term of the last loss (L, L', per head), then each head's mean positive score.
+        out = {(f"loss_{name}" if not name.startswith("distill") else name): value
+               for name, value in self._last_terms.items()}
+        scores = self._last_scores or self.scores(embeddings)
         self._last_scores = None
         b, n = next(iter(scores.values())).shape
         g = n // b
         rows = torch.arange(b, device=embeddings["query"].device)
         for head, s in scores.items():
-            self.log(f"train/pos_score_{head}", s[rows, rows * g].mean(), batch_size=b)
+            out[f"pos_score_{head}"] = s[rows, rows * g].mean()
+        return out
 
     # ------------------------------------------------------------------ saving
 
@@ -300,24 +308,27 @@ class M3(EmbeddingObjective):
 
     # ------------------------------------------------------------------ evaluation
 
-    def representer(self, batch_size: int = 64):
+    def representer(self, encoder: TextEncoder, batch_size: int = 64):
         from embedkit.eval.m3_search import M3Representer
 
-        return M3Representer(self.encoder, self.heads, batch_size=batch_size)
+        return M3Representer(encoder, self.heads, batch_size=batch_size)
 
-    def sparse_weights(self, texts: Sequence[str]) -> list[dict[str, float]]:
+    def sparse_weights(self, encoder: TextEncoder, texts: Sequence[str]) -> list[dict[str, float]]:
         """{token: weight} per text (weights > 0 only, largest first), for inspection."""
-        return self.representer().sparse_weights(texts)
+        return self.representer(encoder).sparse_weights(texts)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, encoder: TextEncoder) -> str:
         """A short hash of the encoder and head weights: a revision that changes with training."""
+        state = {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                 **{f"heads.{k}": v for k, v in self.heads.state_dict().items()}}
         digest = hashlib.sha1()
-        for name, tensor in sorted(self.state_dict().items()):
+        for name, tensor in sorted(state.items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:12]
 
-    def eval_targets(self, model_name: str | None = None, revision: str | None = None,
+    def eval_targets(self, encoder: TextEncoder, model_name: str | None = None,
+                     revision: str | None = None,
                      output_dir: str | Path | None = None) -> dict[str, dict]:
         """"" → the dense encoder on the full suite; each retrieval mode → an M3Search model on
         Retrieval and Reranking. The search models share one cache of text representations and
@@ -332,12 +343,12 @@ class M3(EmbeddingObjective):
 
         targets: dict[str, dict] = {}
         if "dense" in self.heads_trained:
-            targets[""] = {"encoder": self.encoder}
+            targets[""] = {"encoder": encoder}
         name = model_name or "embedkit/m3"
-        revision = revision or f"m3-{self.fingerprint()}"
+        revision = revision or f"m3-{self.fingerprint(encoder)}"
         if output_dir is None and self._saved_dir is not None:
             output_dir = self._saved_dir.parent
-        representer = self.representer()
+        representer = self.representer(encoder)
         dumped = False
         for label, weights in self.eval_variants.items():
             needs = [h for h, w in zip(HEADS, weights) if w]
@@ -353,3 +364,10 @@ class M3(EmbeddingObjective):
                               sparse_examples_path=dump)
             targets[label] = {"mteb_model": search, "task_types": list(EVAL_TASK_TYPES)}
         return targets
+
+
+class M3(EmbeddingObjective):
+    """M3Loss as a LightningModule: `M3(encoder, <M3Loss's arguments>, <the shared settings of
+    EmbeddingObjective>)`. The heads are `self.loss.heads`."""
+
+    loss_class = M3Loss

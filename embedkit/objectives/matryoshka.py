@@ -1,27 +1,17 @@
 """Matryoshka Representation Learning (MRL): one embedding that still works when cut short.
 
-Wraps any embedding objective (InfoNCE, CoSENT, M3's dense score). For nested dimensions
-d_1 < … < d_m ≤ D and weights w_d (all 1 by default), with the inner objective's loss L_inner:
-
-    L = Σ_d w_d · L_inner( normalize(e[:, :d]) for every embedding tensor e of the batch )
-
-so the first d coordinates of the embedding are trained to be a usable embedding on their own.
-Truncation is followed by L2 re-normalisation, so a dot-product inner loss (InfoNCE) stays a cosine
-loss at every width. The encoder runs once per step whatever the number of dimensions: the inner
-objective's `embed(batch)` is called once, and its `loss_from_embeddings` once per dimension on
-truncated views of the same tensors, so the gradients of every width flow into one graph.
-
-Sources: Kusupati et al., "Matryoshka Representation Learning" (NeurIPS 2022); Conan-Embedding
-(Li et al. 2024, arXiv:2408.15710) trains MRL at 256, 512, 768, 1024, 1536 and 1792 dimensions on
-top of a linear layer that widens its 1024-wide BERT to 1792 (`TextEncoder(projection_dim=1792)`).
-The loss equals sentence-transformers' `MatryoshkaLoss(model, inner, dims, weights)` with the
-corresponding inner loss (tests/test_matryoshka.py); its `n_dims_per_step` sampling is not offered.
-
-Optimiser: by default the inner objective's own settings (lr, weight decay, warm-up, betas, eps),
-so wrapping an objective does not change how it is optimised; `lr`, `weight_decay` and
-`warmup_ratio` given here override them. Only the inner objective's `embed`,
-`loss_from_embeddings`, `log_extras`, `batch_size_of` and `save_extras` are used; its other
-Lightning hooks are not called.
+`MatryoshkaLoss` wraps any embedding loss (InfoNCE, CoSENT, M3's dense score); formula, paper,
+arguments and batch: its docstring. `Matryoshka` trains it as a LightningModule with the shared
+optimisation of embedkit/objectives/base.py. The wrapper holds the inner objective's *loss part*,
+never a nested LightningModule: the encoder runs once per step whatever the number of dimensions
+(the inner loss's `embed(encoder, batch)` once, its `forward` once per dimension on truncated views
+of the same tensors, so the gradients of every width flow into one graph), and only the wrapper's
+step and optimiser run. The shared settings (lr, optimizer, scheduler, warm-up, on_nonfinite_loss,
+grad_cache) are the wrapper's; an inner objective given with a different value is an error, and
+one the wrapper leaves unset is taken from the inner objective (conf/objective/matryoshka.yaml makes
+the inner ones follow the wrapper's). Under GradCache the
+chunks are embedded by the inner `embed_tokens`, and the cached gradient is that of the sum over
+widths, so each chunk is replayed once, not once per width.
 
 Evaluation (`eval_targets`): one variant per dimension, labelled "dim=<d>", whose encoder returns the
 first d coordinates re-normalised. The variants share one cache of full-width embeddings, so the
@@ -40,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedkit.models.encoder import TextEncoder
-from embedkit.objectives.base import EmbeddingObjective
+from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective, build_loss
 
 log = logging.getLogger(__name__)
 
@@ -99,68 +89,50 @@ class TruncatedEncoder(nn.Module):
         return part / np.maximum(norms, 1e-12)
 
 
-def _build_inner(inner: Any, encoder: TextEncoder | None, kwargs: dict) -> EmbeddingObjective:
-    """The inner objective around the *same* encoder: a built objective, a partial (Hydra's
-    `_partial_: true`) or a config with a `_target_`; `kwargs` are added to its arguments."""
-    if isinstance(inner, EmbeddingObjective):
-        if inner.encoder is not encoder:
-            raise ValueError("the inner objective must train the same encoder as Matryoshka")
-        for key, value in kwargs.items():
-            if getattr(inner, key, None) != value:
-                raise ValueError(f"{key}={value!r} cannot be applied to an already built inner "
-                                 f"objective (it has {getattr(inner, key, None)!r})")
-        return inner
-    if callable(inner):
-        return inner(encoder=encoder, **kwargs)
-    from omegaconf import DictConfig
+class MatryoshkaLoss(EmbeddingLoss):
+    """The inner loss summed over nested, re-normalised prefixes of the embedding.
 
-    if isinstance(inner, (dict, DictConfig)) and "_target_" in inner:
-        from hydra.utils import instantiate
+    Formula:
+        For nested dimensions d_1 < … < d_m ≤ D and weights w_d, with the inner loss L_inner:
 
-        return instantiate(inner, encoder=encoder, **kwargs)
-    raise TypeError(f"inner must be an EmbeddingObjective, a partial of one or a config with a "
-                    f"_target_, got {type(inner).__name__}")
+            L = Σ_d w_d · L_inner( normalize(e[:, :d]) for every embedding tensor e of the batch )
 
+        so the first d coordinates of the embedding are trained to be a usable embedding on their
+        own. Truncation is followed by L2 re-normalisation, so a dot-product inner loss (InfoNCE)
+        stays a cosine loss at every width. Equal to sentence-transformers'
+        `MatryoshkaLoss(model, inner, dims, weights)` with the corresponding inner loss
+        (tests/test_matryoshka.py); its `n_dims_per_step` sampling is not offered.
 
-class Matryoshka(EmbeddingObjective):
-    # Arguments holding embedding widths: checked against the encoder's width before training
-    # (embedkit/recipes/preflight.py), not only when the objective is built after the data is read.
-    embedding_width_args = ("dims",)
+    Paper:
+        Kusupati et al., "Matryoshka Representation Learning" (NeurIPS 2022), §3; Conan-Embedding
+        (Li et al. 2024, arXiv:2408.15710, §3.4) trains MRL at 256, 512, 768, 1024, 1536 and 1792
+        dimensions on top of a linear layer that widens its 1024-wide BERT to 1792
+        (`TextEncoder(projection_dim=1792)`).
 
-    def __init__(self, encoder: TextEncoder, inner: Any, dims: Sequence[int],
-                 weights: Sequence[float] | None = None, truncate_keys: Sequence[str] | None = None,
-                 train_group_size: int | None = None, lr: float | None = None,
-                 weight_decay: float | None = None, warmup_ratio: float | None = None,
-                 on_nonfinite_loss: str = "error", grad_cache=None, **inner_kwargs):
-        """
-        inner: the objective to apply at every width (see `_build_inner`).
-        dims: the nested widths, e.g. Conan's [256, 512, 768, 1024, 1536, 1792].
-        weights: one per dim; None = all 1.
+    Arguments (paper defaults):
+        inner: the loss applied at every width: an EmbeddingLoss, an objective class or a partial
+            of one (Hydra's `_partial_: true`, conf/objective/matryoshka.yaml's `inner`), or a
+            config with a `_target_`; built around the same encoder.
+        dims: the nested widths (no default; Conan's [256, 512, 768, 1024, 1536, 1792]).
+        weights: one per dim; None = all 1 (sentence-transformers' default; Conan states none).
         truncate_keys: which tensors of the inner `embed()` dict to truncate; None = every
-            floating-point tensor (restrict it when the inner objective also returns tensors that
-            are not embeddings, e.g. per-token weights).
-        train_group_size: None, or passed to the inner objective. Contrastive data configs read
-            `${objective.train_group_size}`, so conf/objective/matryoshka.yaml mirrors the inner
-            objective's value here, and `objective.train_group_size=N` then sets both.
-        lr, weight_decay, warmup_ratio: the optimiser's; None = the inner objective's.
-        on_nonfinite_loss: "error" or "skip" (see EmbeddingObjective); this wrapper's training
-            step is the one that runs, so the setting is its own, not the inner objective's.
-        grad_cache: GradCache settings of this wrapper's step (the inner objective's are unused):
-            the chunks are embedded by the inner `embed_tokens`, and the cached gradient is that
-            of the sum over widths, so each chunk is replayed once, not once per width.
+            floating-point tensor (restrict it when the inner loss also returns tensors that are
+            not embeddings, e.g. M3's per-token weights: [query, passages]).
         inner_kwargs: any other argument goes to the inner objective, so settings made for a plain
             objective (`objective.temperature=0.05`, scale=paper's values) reach it unchanged.
-        """
-        if train_group_size is not None:
-            inner_kwargs["train_group_size"] = train_group_size
-        inner = _build_inner(inner, encoder, inner_kwargs)
-        super().__init__(encoder,
-                         lr=inner.lr if lr is None else lr,
-                         weight_decay=inner.weight_decay if weight_decay is None else weight_decay,
-                         warmup_ratio=inner.warmup_ratio if warmup_ratio is None else warmup_ratio,
-                         betas=inner.betas, eps=inner.eps, on_nonfinite_loss=on_nonfinite_loss,
-                         grad_cache=grad_cache)
-        self.inner = inner
+        encoder: the encoder, to check the widths against and to build `inner` around.
+
+    Batch:
+        The inner loss's batch, unchanged (InfoNCE's query/passages, CoSENT's sentence pairs, ...).
+    """
+
+    def __init__(self, inner: Any, dims: Sequence[int], weights: Sequence[float] | None = None,
+                 truncate_keys: Sequence[str] | None = None, encoder: TextEncoder | None = None,
+                 **inner_kwargs):
+        super().__init__()
+        self.inner, settings = build_loss(inner, encoder, inner_kwargs)
+        if settings:
+            self.inner_settings = {"inner": settings}
         dims = [int(d) for d in dims]
         if not dims:
             raise ValueError("Matryoshka needs at least one dimension in dims")
@@ -182,17 +154,19 @@ class Matryoshka(EmbeddingObjective):
         self.dims = dims
         self.weights = weights
         self.truncate_keys = None if truncate_keys is None else set(truncate_keys)
-        self.train_group_size = getattr(inner, "train_group_size", None)
         self._dim_losses: list[tuple[int, torch.Tensor]] = []
-        self.save_hyperparameters(ignore=["encoder", "inner"])
+
+    @property
+    def supports_grad_cache(self) -> bool:
+        return self.inner.supports_grad_cache
 
     # ------------------------------------------------------------------ the step
 
-    def embed(self, batch) -> dict[str, torch.Tensor]:
-        return self.inner.embed(batch)
+    def embed(self, encoder, batch) -> dict[str, torch.Tensor]:
+        return self.inner.embed(encoder, batch)
 
-    def embed_tokens(self, side, features) -> dict[str, torch.Tensor]:
-        return self.inner.embed_tokens(side, features)
+    def embed_tokens(self, encoder, side, features) -> dict[str, torch.Tensor]:
+        return self.inner.embed_tokens(encoder, side, features)
 
     def truncated(self, embeddings: dict[str, Any], dim: int) -> dict[str, Any]:
         """The inner `embed()` dict with every (selected) embedding tensor cut to `dim`."""
@@ -203,10 +177,10 @@ class Matryoshka(EmbeddingObjective):
             out[key] = truncate(value, dim) if selected else value
         return out
 
-    def loss_from_embeddings(self, embeddings, batch) -> torch.Tensor:
+    def forward(self, embeddings, batch) -> torch.Tensor:
         total, self._dim_losses = 0.0, []
         for dim, weight in zip(self.dims, self.weights):
-            loss = self.inner.loss_from_embeddings(self.truncated(embeddings, dim), batch)
+            loss = self.inner(self.truncated(embeddings, dim), batch)
             self._dim_losses.append((dim, loss.detach()))
             total = total + weight * loss
         return total
@@ -214,27 +188,28 @@ class Matryoshka(EmbeddingObjective):
     def batch_size_of(self, batch) -> int:
         return self.inner.batch_size_of(batch)
 
-    def log_extras(self, embeddings, batch) -> None:
-        size = self.batch_size_of(batch)
-        for dim, loss in self._dim_losses:
-            self.log(f"train/loss_dim{dim}", loss, batch_size=size)
-        # The inner objective's own diagnostics on the full-width embeddings. Lightning only lets a
-        # module log inside a hook it is running; the inner one shares our trainer, so lend it ours.
-        previous = self.inner._current_fx_name
-        self.inner._current_fx_name = self._current_fx_name
-        try:
-            self.inner.log_extras(embeddings, batch)
-        finally:
-            self.inner._current_fx_name = previous
+    def diagnostics(self, embeddings, batch) -> dict[str, Any]:
+        # Every width's loss, then the inner loss's own diagnostics on the full-width embeddings.
+        out = {f"loss_dim{dim}": loss for dim, loss in self._dim_losses}
+        return {**out, **self.inner.diagnostics(embeddings, batch)}
 
     # ------------------------------------------------------------------ after training
 
-    def eval_targets(self) -> dict[str, dict]:
+    def eval_targets(self, encoder) -> dict[str, dict]:
         cache: dict = {}
-        return {f"dim={d}": {"encoder": TruncatedEncoder(self.encoder, d, cache)} for d in self.dims}
+        return {f"dim={d}": {"encoder": TruncatedEncoder(encoder, d, cache)} for d in self.dims}
 
     def save_extras(self, out_dir: str | Path) -> None:
         self.inner.save_extras(out_dir)
 
     def load_extras(self, out_dir: str | Path) -> None:
         self.inner.load_extras(out_dir)
+
+
+class Matryoshka(EmbeddingObjective):
+    """MatryoshkaLoss as a LightningModule: `Matryoshka(encoder, inner, dims, <MatryoshkaLoss's
+    other arguments>, <the shared settings of EmbeddingObjective>)`. The inner loss is
+    `self.loss.inner`."""
+
+    loss_class = MatryoshkaLoss
+    embedding_width_args = ("dims",)

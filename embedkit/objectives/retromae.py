@@ -1,54 +1,28 @@
 """RetroMAE: retrieval-oriented pre-training with a masked auto-encoder (stage 1 of the BGE recipe).
 
-Xiao, Liu, Shao and Cao, "RetroMAE: Pre-Training Retrieval-oriented Language Models Via Masked
-Auto-Encoder", EMNLP 2022 (arXiv:2205.12035); as used by FlagEmbedding's
-`research/baai_general_embedding/retromae_pretrain` to pre-train BGE before contrastive learning.
-
-For a text x = (x_0 = [CLS], x_1, ..., x_{L-1}):
-
-Encoder. x is corrupted by a whole-word mask at ratio 0.3 (BERT's 80/10/10) into x̃_enc; the
-encoder reads x̃_enc, its final-layer [CLS] state is the sentence embedding h, and the shared MLM
-head predicts the masked tokens M_enc:
-
-    L_enc = −(1/|M_enc|) Σ_{t ∈ M_enc} log p_head(x_t | encoder(x̃_enc)_t)
-
-Enhanced decoder. One freshly initialised transformer layer with two input streams:
-    query stream   q_i = h + pos_i                     (i = 0..L-1)
-    key/value      k_0 = h,  k_j = emb(x_j) for j ≥ 1  (the ORIGINAL tokens through the encoder's own
-                                                        embedding module: word + position + type,
-                                                        LayerNorm, dropout)
-    attention      row i may see key j iff A[i, j] = 1, where A is drawn per row: a whole-word mask
-                   at ratio 0.5 hides keys, i never sees itself, 0 (h) is always visible, padding
-                   never (built by embedkit.data.mlm).
-    output         d_i = FFN(LN(q_i + MHA(q_i, k, v; A)))   with BERT's residual/LayerNorm layout
-
-and every non-special token is reconstructed through the same, weight-tied MLM head:
-
-    L_dec = −(1/|T|) Σ_{i ∈ T} log p_head(x_i | d_i),   T = all non-special, non-pad positions
-
-    L = L_enc + L_dec        (unweighted, as in RetroMAE and FlagEmbedding)
-
-Since q_i carries only h and a position, and i never sees x_i, reconstructing x_i forces h to
-carry the text's content: that is what makes the [CLS] vector a good retrieval embedding later.
+`RetroMAELoss` is the loss (formula, paper, arguments, batch: its docstring); `RetroMAE` trains it
+as a LightningModule with the shared optimisation of embedkit/objectives/base.py. RetroMAE README
+(BERT-base): lr 1e-4, warm-up ratio 0.1, weight decay 0.01, AdamW with linear decay.
 
 Query stream. `query_stream="position"` (default) is the original RetroMAE (h + position
 embedding, nothing else); `"embeddings"` is FlagEmbedding's variant, which passes h broadcast to
 every position through the encoder's embedding module as `inputs_embeds` (adds position and
 token-type embeddings, then LayerNorm and dropout).
 
-MLM head. The encoder is a `TextEncoder` around a backbone without an LM head, so this module
-owns a BERT prediction head (dense → activation → LayerNorm, then the output projection tied to
-the encoder's word embeddings, plus its own bias). It and the decoder are freshly initialised
-with BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm); `mlm_head_init` can
-copy the transform and bias from a masked-LM checkpoint (BERT `cls.predictions.*` or RoBERTa /
-XLM-R `lm_head.*`), as FlagEmbedding keeps the checkpoint's own head. That checkpoint is loaded
-with `trust_remote_code` off unless the config turns it on (`model.trust_remote_code`).
+MLM head. The encoder is a `TextEncoder` around a backbone without an LM head, so the loss owns a
+BERT prediction head (dense → activation → LayerNorm, then the output projection tied to the
+encoder's word embeddings, plus its own bias). It and the decoder are freshly initialised with
+BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm); `mlm_head_init` can copy the
+transform and bias from a masked-LM checkpoint (BERT `cls.predictions.*` or RoBERTa / XLM-R
+`lm_head.*`), as FlagEmbedding keeps the checkpoint's own head. That checkpoint is loaded with
+`trust_remote_code` off unless the config turns it on (`model.trust_remote_code`).
 
-Defaults (RetroMAE paper and `staoxiao/RetroMAE` examples/pretrain README, BERT-base): lr 1e-4,
-warm-up ratio 0.1, weight decay 0.01, AdamW with linear decay; mask ratios 0.3 (encoder) and 0.5
-(decoder), the values FlagEmbedding's BGE recipe uses as well. The mask ratios are applied by the
-data module (`conf/data/pd_corpus.yaml` reads them from here by interpolation); they are stored
-on the objective so that a run's hyper-parameters show them.
+What the encoder computes and what the loss does. `embed` runs everything that goes through the
+encoder's modules: the final hidden states of the masked text, h = their [CLS] row, and the
+decoder's two input streams (the original tokens and the query stream, both through the encoder's
+embedding module), plus the tied output matrix. `forward` applies the loss's own decoder layer and
+MLM head to them. The order of the dropout draws is that of one pass: encoder, decoder inputs,
+decoder.
 
 Output. Only the encoder is the stage's result (the recipe saves it and the next stage starts
 from it). With `save_decoder_weights`, `save_extras` also writes the decoder layer and MLM head
@@ -67,7 +41,7 @@ from torch import nn
 
 from embedkit.models.build import trust_remote_code_flag
 from embedkit.models.encoder import TextEncoder
-from embedkit.objectives.base import EmbeddingObjective
+from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 
 QUERY_STREAMS = ("position", "embeddings")
 DECODER_DIR = "retromae_decoder"
@@ -169,24 +143,98 @@ def _masked_ce(logits_fn, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.cross_entropy(logits_fn(hidden[keep]), labels[keep])
 
 
-class RetroMAE(EmbeddingObjective):
-    """Encoder MLM + enhanced-decoder reconstruction; see the module docstring for the formula.
+def _position_ids(embeddings: nn.Module, length: int, device) -> torch.Tensor:
+    # RoBERTa/XLM-R number positions from padding_idx + 1; BERT from 0.
+    pad = getattr(embeddings, "padding_idx", None)
+    offset = pad + 1 if pad is not None else 0
+    return torch.arange(offset, offset + length, device=device)
 
-    Batches come from `embedkit.data.mlm.MLMDataModule`: input_ids, attention_mask, labels,
-    decoder_input_ids, decoder_attention (B × L × L, True = may attend), decoder_labels.
+
+def query_stream_input(embeddings: nn.Module, h_cls: torch.Tensor, length: int,
+                       query_stream: str = "position") -> torch.Tensor:
+    """(B, D) sentence embeddings -> (B, L, D) decoder queries: h plus each position, through the
+    encoder's embedding module `embeddings`."""
+    b, d = h_cls.shape
+    positions = _position_ids(embeddings, length, h_cls.device)
+    if query_stream == "position":
+        return h_cls[:, None, :] + embeddings.position_embeddings(positions)[None]
+    return embeddings(inputs_embeds=h_cls[:, None, :].expand(b, length, d),
+                      position_ids=positions[None].expand(b, length))
+
+
+def decoder_streams(embeddings: nn.Module, h_cls: torch.Tensor, decoder_input_ids: torch.Tensor,
+                    query_stream: str = "position") -> tuple[torch.Tensor, torch.Tensor]:
+    """The enhanced decoder's (query, key_value) inputs, (B, L, D) each: q_i = h + pos_i,
+    k_0 = h and k_j = emb(x_j) of the original tokens."""
+    length = decoder_input_ids.shape[1]
+    content = embeddings(input_ids=decoder_input_ids)
+    key_value = torch.cat([h_cls[:, None, :].to(content.dtype), content[:, 1:]], dim=1)
+    query = query_stream_input(embeddings, h_cls, length, query_stream).to(content.dtype)
+    return query, key_value
+
+
+class RetroMAELoss(EmbeddingLoss):
+    """Encoder MLM + enhanced-decoder reconstruction.
+
+    Formula:
+        For a text x = (x_0 = [CLS], x_1, ..., x_{L-1}):
+
+        Encoder. x is corrupted by a whole-word mask (BERT's 80/10/10) into x̃_enc; the encoder
+        reads x̃_enc, its final-layer [CLS] state is the sentence embedding h, and the shared MLM
+        head predicts the masked tokens M_enc:
+
+            L_enc = −(1/|M_enc|) Σ_{t ∈ M_enc} log p_head(x_t | encoder(x̃_enc)_t)
+
+        Enhanced decoder. One freshly initialised transformer layer with two input streams:
+            query stream   q_i = h + pos_i                     (i = 0..L-1)
+            key/value      k_0 = h,  k_j = emb(x_j) for j ≥ 1  (the ORIGINAL tokens through the
+                                                                encoder's own embedding module:
+                                                                word + position + type, LayerNorm,
+                                                                dropout)
+            attention      row i may see key j iff A[i, j] = 1, where A is drawn per row: a
+                           whole-word mask hides keys, i never sees itself, 0 (h) is always
+                           visible, padding never (built by embedkit.data.mlm).
+            output         d_i = FFN(LN(q_i + MHA(q_i, k, v; A)))   with BERT's residual/LayerNorm layout
+
+        and every non-special token is reconstructed through the same, weight-tied MLM head:
+
+            L_dec = −(1/|T|) Σ_{i ∈ T} log p_head(x_i | d_i),   T = all non-special, non-pad positions
+
+            L = L_enc + L_dec        (unweighted, as in RetroMAE and FlagEmbedding)
+
+        Since q_i carries only h and a position, and i never sees x_i, reconstructing x_i forces h
+        to carry the text's content: that is what makes the [CLS] vector a good retrieval
+        embedding later.
+
+    Paper:
+        Xiao, Liu, Shao and Cao, "RetroMAE: Pre-Training Retrieval-oriented Language Models Via
+        Masked Auto-Encoder", EMNLP 2022 (arXiv:2205.12035), §3; as used by FlagEmbedding's
+        `research/baai_general_embedding/retromae_pretrain` to pre-train BGE (C-Pack §4.1).
+
+    Arguments (paper defaults):
+        query_stream: "position" (RetroMAE: h + position embedding) or "embeddings"
+            (FlagEmbedding's variant, see the module docstring).
+        save_decoder_weights: True: `save_extras` also writes the decoder and MLM head.
+        mlm_head_init: None (fresh, BERT's init); or a masked-LM checkpoint whose head to copy.
+        trust_remote_code: False; for loading `mlm_head_init`.
+        encoder: the encoder the decoder and head are sized on (its backbone config); the MLM
+            output matrix is tied to its word embeddings.
+        The mask ratios, 0.3 (encoder) and 0.5 (decoder) in the paper and FlagEmbedding's BGE
+        recipe, are the data's (`data.encoder_mask_ratio`, `data.decoder_mask_ratio`,
+        embedkit/data/mlm.py): only the collator applies them.
+
+    Batch:
+        `embedkit.data.mlm.MLMDataModule`'s: input_ids, attention_mask, labels (−100 off the
+        encoder mask), decoder_input_ids, decoder_attention (B × L × L, True = may attend),
+        decoder_labels.
     """
 
-    def __init__(self, encoder: TextEncoder, encoder_mask_ratio: float = 0.3,
-                 decoder_mask_ratio: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.1, query_stream: str = "position",
+    def __init__(self, encoder: TextEncoder, query_stream: str = "position",
                  save_decoder_weights: bool = True, mlm_head_init: str | None = None,
-                 trust_remote_code: bool = False, on_nonfinite_loss: str = "error"):
-        super().__init__(encoder, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                 trust_remote_code: bool = False):
+        super().__init__()
         if query_stream not in QUERY_STREAMS:
             raise ValueError(f"unknown query_stream {query_stream!r}; choose one of {QUERY_STREAMS}")
-        self.encoder_mask_ratio = encoder_mask_ratio
-        self.decoder_mask_ratio = decoder_mask_ratio
         self.query_stream = query_stream
         self.save_decoder_weights = save_decoder_weights
         emb = encoder.backbone.embeddings
@@ -209,75 +257,49 @@ class RetroMAE(EmbeddingObjective):
         self.trust_remote_code = trust_remote_code_flag(trust_remote_code)
         if mlm_head_init:
             self.init_mlm_head_from(mlm_head_init)
-        self.save_hyperparameters(ignore=["encoder"])
-
-    # ------------------------------------------------------------ pieces
-
-    @property
-    def embeddings(self) -> nn.Module:
-        return self.encoder.backbone.embeddings
-
-    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits of hidden states (any leading shape) through the tied MLM head."""
-        return self.mlm_head(hidden, self.embeddings.word_embeddings.weight)
-
-    def _position_ids(self, length: int, device) -> torch.Tensor:
-        # RoBERTa/XLM-R number positions from padding_idx + 1; BERT from 0.
-        pad = getattr(self.embeddings, "padding_idx", None)
-        offset = pad + 1 if pad is not None else 0
-        return torch.arange(offset, offset + length, device=device)
-
-    def query_stream_input(self, h_cls: torch.Tensor, length: int) -> torch.Tensor:
-        """(B, D) sentence embeddings -> (B, L, D) decoder queries: h plus each position."""
-        b, d = h_cls.shape
-        positions = self._position_ids(length, h_cls.device)
-        if self.query_stream == "position":
-            return h_cls[:, None, :] + self.embeddings.position_embeddings(positions)[None]
-        return self.embeddings(inputs_embeds=h_cls[:, None, :].expand(b, length, d),
-                               position_ids=positions[None].expand(b, length))
-
-    def decoder_hidden(self, h_cls: torch.Tensor, decoder_input_ids: torch.Tensor,
-                       decoder_attention: torch.Tensor) -> torch.Tensor:
-        """The enhanced decoder's output (B, L, D) given the sentence embeddings (B, D)."""
-        length = decoder_input_ids.shape[1]
-        content = self.embeddings(input_ids=decoder_input_ids)
-        key_value = torch.cat([h_cls[:, None, :].to(content.dtype), content[:, 1:]], dim=1)
-        query = self.query_stream_input(h_cls, length).to(content.dtype)
-        return self.decoder(query, key_value, decoder_attention.to(torch.bool))
+        self._last_parts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ the objective
 
-    def embed(self, batch) -> dict[str, torch.Tensor]:
-        hidden = self.encoder.hidden_states(batch["input_ids"], batch["attention_mask"])
-        return {"hidden": hidden, "cls": hidden[:, 0]}
+    def embed(self, encoder: TextEncoder, batch) -> dict[str, torch.Tensor]:
+        """hidden (B, L, D) and cls (B, D) of the masked text; decoder_query / decoder_key_value
+        (B, L, D), the decoder's input streams; word_embeddings, the tied MLM output matrix."""
+        hidden = encoder.hidden_states(batch["input_ids"], batch["attention_mask"])
+        embeddings = encoder.backbone.embeddings
+        query, key_value = decoder_streams(embeddings, hidden[:, 0], batch["decoder_input_ids"],
+                                           self.query_stream)
+        return {"hidden": hidden, "cls": hidden[:, 0], "decoder_query": query,
+                "decoder_key_value": key_value, "word_embeddings": embeddings.word_embeddings.weight}
+
+    def mlm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states (any leading shape) through the tied MLM head."""
+        return self.mlm_head(hidden, word_embeddings)
+
+    def decoded(self, embeddings: dict[str, torch.Tensor], decoder_attention: torch.Tensor) -> torch.Tensor:
+        """The enhanced decoder's output (B, L, D)."""
+        return self.decoder(embeddings["decoder_query"], embeddings["decoder_key_value"],
+                            decoder_attention.to(torch.bool))
 
     def loss_parts(self, embeddings: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
-        encoder_loss = _masked_ce(self.mlm_logits, embeddings["hidden"], batch["labels"])
-        decoded = self.decoder_hidden(embeddings["cls"], batch["decoder_input_ids"],
-                                      batch["decoder_attention"])
-        decoder_loss = _masked_ce(self.mlm_logits, decoded, batch["decoder_labels"])
+        def logits(hidden):
+            return self.mlm_logits(hidden, embeddings["word_embeddings"])
+
+        encoder_loss = _masked_ce(logits, embeddings["hidden"], batch["labels"])
+        decoder_loss = _masked_ce(logits, self.decoded(embeddings, batch["decoder_attention"]),
+                                  batch["decoder_labels"])
         return {"encoder_mlm_loss": encoder_loss, "decoder_loss": decoder_loss,
                 "loss": encoder_loss + decoder_loss}
 
-    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch) -> torch.Tensor:
-        return self.loss_parts(embeddings, batch)["loss"]
-
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        """Full logits for inspection: encoder (B, L, V), decoder (B, L, V), and h_cls (B, D)."""
-        emb = self.embed(batch)
-        decoded = self.decoder_hidden(emb["cls"], batch["decoder_input_ids"], batch["decoder_attention"])
-        return {"encoder_logits": self.mlm_logits(emb["hidden"]),
-                "decoder_logits": self.mlm_logits(decoded), "cls": emb["cls"]}
-
-    def training_step(self, batch, batch_idx):
-        parts = self.loss_parts(self.embed(batch), batch)
-        size = int(batch["input_ids"].shape[0])
-        if not self.loss_is_usable(parts["loss"], batch_idx, size):
-            return None
-        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=size)
-        self.log("train/encoder_mlm_loss", parts["encoder_mlm_loss"], batch_size=size)
-        self.log("train/decoder_loss", parts["decoder_loss"], batch_size=size)
+    def forward(self, embeddings: dict[str, torch.Tensor], batch) -> torch.Tensor:
+        parts = self.loss_parts(embeddings, batch)
+        self._last_parts = {k: parts[k].detach() for k in ("encoder_mlm_loss", "decoder_loss")}
         return parts["loss"]
+
+    def diagnostics(self, embeddings, batch) -> dict[str, torch.Tensor]:
+        return dict(self._last_parts)
+
+    def batch_size_of(self, batch) -> int:
+        return int(batch["input_ids"].shape[0])
 
     # ------------------------------------------------------------ decoder weights
 
@@ -336,3 +358,31 @@ class RetroMAE(EmbeddingObjective):
             raise ValueError(f"{name_or_path}: head bias has {bias.shape[0]} entries, the encoder's "
                              f"vocabulary {head.bias.shape[0]}")
         head.bias.copy_(bias)
+
+
+class RetroMAE(EmbeddingObjective):
+    """RetroMAELoss as a LightningModule: `RetroMAE(encoder, <RetroMAELoss's arguments>, <the shared
+    settings of EmbeddingObjective>)`. The helpers below bind the loss's decoder and head to the
+    encoder, for inspection and tests."""
+
+    loss_class = RetroMAELoss
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.loss.mlm_logits(hidden, self.encoder.backbone.embeddings.word_embeddings.weight)
+
+    def query_stream_input(self, h_cls: torch.Tensor, length: int) -> torch.Tensor:
+        return query_stream_input(self.encoder.backbone.embeddings, h_cls, length, self.loss.query_stream)
+
+    def decoder_hidden(self, h_cls: torch.Tensor, decoder_input_ids: torch.Tensor,
+                       decoder_attention: torch.Tensor) -> torch.Tensor:
+        """The enhanced decoder's output (B, L, D) given the sentence embeddings (B, D)."""
+        query, key_value = decoder_streams(self.encoder.backbone.embeddings, h_cls,
+                                           decoder_input_ids, self.loss.query_stream)
+        return self.loss.decoder(query, key_value, decoder_attention.to(torch.bool))
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """Full logits for inspection: encoder (B, L, V), decoder (B, L, V), and h_cls (B, D)."""
+        emb = self.embed(batch)
+        return {"encoder_logits": self.mlm_logits(emb["hidden"]),
+                "decoder_logits": self.mlm_logits(self.loss.decoded(emb, batch["decoder_attention"])),
+                "cls": emb["cls"]}

@@ -68,4 +68,4 @@ class TrainingHealth(pl.Callback):
             raise NothingTrained(
                 f"{stage}: the training loss was exactly 0 on all {s['batches']} batches, so no "
                 f"gradient reached the model. A contrastive batch needs candidates to contrast: "
-                f"with data.batch_size=1 and train_group_size=1 the softmax has one entry.")
+                f"with data.batch_size=1 and data.train_group_size=1 the softmax has one entry.")

@@ -131,6 +131,11 @@ def _signature(fn: Any) -> tuple[dict[str, inspect.Parameter] | None, dict[str, 
                 hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation
             except Exception:   # noqa: BLE001  this one is not checked
                 continue
+    # A class may present its real arguments as `__signature__` with evaluated hints (an objective's
+    # loss arguments and shared settings, embedkit/objectives/base.py): those count too.
+    for name, p in params.items():
+        if name not in hints and p.annotation is not p.empty and not isinstance(p.annotation, str):
+            hints[name] = p.annotation
     hints.pop("return", None)
     return params, hints, takes_kwargs
 
