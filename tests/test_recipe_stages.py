@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from embedkit.models.build import init_encoder_from, tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
-from embedkit.recipes.train_eval import row_config, stage_config, stage_key
+from embedkit.recipes.rows import row_config, stage_config
+from embedkit.recipes.train_eval import stage_key
 
 BASE = OmegaConf.create({
     "seed": 1,

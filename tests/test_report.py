@@ -26,7 +26,7 @@ def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",),
               config=None, paper_rows=None, single=False):
     """A finished run folder as embedkit/recipes/train_eval.py leaves it (table.*, rows/*/results.json,
     .hydra/config.yaml and overrides.yaml)."""
-    from embedkit.recipes.train_eval import safe_label
+    from embedkit.folders import safe_label
 
     table = [{"label": label, **scores} for label, scores in rows.items()]
     for label, scores in rows.items():

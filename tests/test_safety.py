@@ -193,7 +193,7 @@ APP = textwrap.dedent("""
     from hydra.core.hydra_config import HydraConfig
 
     from embedkit.config import CONFIG_DIR
-    from embedkit.recipes.train_eval import ablation_rows
+    from embedkit.recipes.rows import ablation_rows
 
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

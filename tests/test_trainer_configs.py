@@ -142,7 +142,7 @@ def test_paper_scale_19200_row_with_gradcache_composes():
     gc_row = rows[-1]["overrides"]
     assert gc_row["data.batch_size"] * gc_row["trainer.devices"] * gc_row["trainer.num_nodes"] == 19200
     assert gc_row["objective.grad_cache"] == {"mini_batch": 128}
-    from embedkit.recipes.train_eval import row_config
+    from embedkit.recipes.rows import row_config
 
     cfg = row_config(cfg, gc_row)   # as the recipe applies a row
     objective = instantiate(cfg.objective, encoder=None, _partial_=True)

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pytorch_lightning as pl
 
+from embedkit.data.batching import GroupBatchSampler
+
 log = logging.getLogger(__name__)
 BAD_ROW_POLICIES = ("error", "skip")
 
@@ -92,8 +94,6 @@ class TextDataModule(pl.LightningDataModule):
     def group_batch_sampler(self, lengths: np.ndarray, group_by_length: bool):
         """Fixed-size, seeded, epoch-aware batches; under DDP each rank takes its slice of a global batch."""
         import torch
-
-        from embedkit.data.contrastive import GroupBatchSampler
 
         num_replicas, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from embedkit.data.base import TextDataModule
-from embedkit.data.contrastive import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
+from embedkit.data.batching import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
 
 log = logging.getLogger(__name__)
 

@@ -26,74 +26,22 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from embedkit.folders import safe_label
 from embedkit.recipes.recovery import check_settings, finished_results, inside, variant_results
-from embedkit.redact import redact, redact_text, write_json
+from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+from embedkit.redact import redact, write_json
 
 log = logging.getLogger(__name__)
 DONE = ".done"
 
 
 # ---------------------------------------------------------------- rows and stages
-
-def ablation_rows(cfg: DictConfig) -> list[dict]:
-    """[{label, paper_row, overrides, stages}] for this invocation."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_on = HydraConfig.initialized()
-    multirun = hydra_on and HydraConfig.get().mode == RunMode.MULTIRUN
-    ablation = cfg.get("ablation") or {}
-    rows = (ablation.get("rows") or {}).get(cfg.scale.name)
-    if multirun or not rows:
-        label = (HydraConfig.get().job.override_dirname if hydra_on else "") or "run"
-        label = redact_text(label)   # it names folders and mteb revisions: no `api_key=...` in them
-        return [{"label": label, "paper_row": None, "overrides": {}, "stages": None}]
-    out = []
-    for r in rows:
-        row = OmegaConf.to_container(r, resolve=False)
-        row.setdefault("overrides", {})
-        row["stages"] = list(row.get("stages") or []) or None
-        out.append(row)
-    return out
-
-
-def row_config(cfg: DictConfig, overrides: dict) -> DictConfig:
-    row_cfg = cfg.copy()
-    with open_dict(row_cfg):
-        for key, value in overrides.items():
-            OmegaConf.update(row_cfg, key, value, merge=False)
-    return row_cfg
-
-
-def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) -> DictConfig:
-    """The row's config with one stage's objective and data swapped in (and its trainer/model tweaks)."""
-    cfg = row_cfg.copy()
-    with open_dict(cfg):
-        if stage is not None:
-            if stage not in (cfg.get("stages") or {}):
-                raise KeyError(f"row uses stage {stage!r}, but `stages` defines {list(cfg.get('stages') or {})}")
-            spec = cfg.stages[stage]
-            cap = cfg.data.get("max_examples")
-            cfg.objective = spec.objective
-            cfg.data = spec.data
-            if cap and not cfg.data.get("max_examples"):
-                cfg.data.max_examples = cap   # a cap on the run (debug=smoke) caps every stage
-            for part in ("trainer", "model"):
-                if spec.get(part) is not None:
-                    cfg[part] = OmegaConf.merge(cfg[part], spec[part])
-            if "callbacks" in spec:
-                cfg.callbacks = spec.callbacks   # a stage's own training callbacks (e.g. DHNM)
-        if init_from is not None:
-            cfg.model.init_from = init_from
-    return cfg
-
 
 RESULT_PARTS = ("objective", "data", "model", "trainer", "seed", "callbacks")
 # Settings that change how a run looks, not what it computes: a resume may change them freely.
@@ -140,10 +88,6 @@ def row_settings(plan: list[dict]) -> dict:
         prefix = f"{p['stage']}/" if p["stage"] else ""
         out.update({prefix + k: v for k, v in flat(parts).items() if k not in COSMETIC})
     return out
-
-
-def safe_label(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)).strip("_") or "run"
 
 
 # ---------------------------------------------------------------- one stage

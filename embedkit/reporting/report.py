@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from embedkit.folders import safe_label
 from embedkit.reporting.tables import COLUMNS, read_paper_table, to_markdown
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,8 +219,6 @@ def run_folders(runs_root: Path, experiment: str) -> list[Path]:
 
 
 def _row_results(folder: Path, label: str, single: bool) -> dict:
-    from embedkit.recipes.train_eval import safe_label
-
     path = folder / "results.json" if single else folder / "rows" / safe_label(label) / "results.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
