@@ -169,6 +169,7 @@ def test_the_recipe_refuses_a_row_label_that_escapes(tmp_path, monkeypatch):
         {"label": "..", "paper_row": None, "overrides": {}, "stages": None}])
     monkeypatch.setattr(recipe, "finished_results", lambda row_dir, label: {"": {"Avg": 1.0}})
     monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
     monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: None)
     from omegaconf import OmegaConf
 
@@ -266,6 +267,7 @@ def test_a_resumed_run_keeps_finished_rows_and_runs_the_rest(tmp_path, monkeypat
     monkeypatch.setattr(recipe, "run_row", run_row)
     monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
     monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
     monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
     out = tmp_path / "run"
     for label, results in (("32", {"label": "32", "variant": "", "categories": {"STS": 1.0}, "Avg": 1.0}),

@@ -91,6 +91,11 @@ class ContrastiveDataModule(TextDataModule):
     them from `conf/data/*.yaml` so a recipe can mix People's Daily weak pairs and zh-mini files.
     """
 
+    # How rows are grouped, cut and instructed, not which are read (`examples_key`).
+    serving_args = TextDataModule.serving_args | {
+        "train_group_size", "query_max_len", "passage_max_len", "query_instruction",
+        "group_by_length", "no_duplicates"}
+
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  train_group_size: int = 1, query_max_len: int = 32, passage_max_len: int = 128,
                  query_instruction: str | None = None, group_by_length: bool = True,

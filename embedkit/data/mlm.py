@@ -230,6 +230,9 @@ class MLMDataModule(TextDataModule):
     `${data.query_instruction}` to score a model with the instruction it was trained with: none.
     """
 
+    serving_args = TextDataModule.serving_args | {
+        "max_len", "encoder_mask_ratio", "decoder_mask_ratio", "group_by_length"}
+
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5,
                  group_by_length: bool = True, seed: int = 0, cache_dir: str | None = None,

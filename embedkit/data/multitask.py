@@ -16,6 +16,7 @@ tasks apply their own.
 
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import numpy as np
@@ -62,11 +63,19 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tasks = dict(tasks)
         self.mode = mode
         self.seed = seed
+        self.max_examples = max_examples
         self.query_instruction = query_instruction
         if max_examples:
             for dm in self.tasks.values():   # a run-wide cap (debug=smoke) caps every task
                 dm.max_examples = min(dm.max_examples or max_examples, max_examples)
         self.tokenizer = None
+
+    def examples_key(self) -> str:
+        """Which rows the tasks read: each task's own key, and the run-wide cap applied to them
+        (`mode` and `seed` only order the tasks' batches)."""
+        return json.dumps({"module": f"{type(self).__module__}.{type(self).__qualname__}",
+                           "tasks": {name: json.loads(dm.examples_key()) for name, dm in self.tasks.items()},
+                           "max_examples": self.max_examples}, sort_keys=True, ensure_ascii=False)
 
     @property
     def examples(self) -> dict[str, list[dict]]:

@@ -73,6 +73,8 @@ class StsDataModule(TextDataModule):
     `${data.query_instruction}` for retrieval queries.
     """
 
+    serving_args = TextDataModule.serving_args | {"max_len", "group_by_length"}
+
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, group_by_length: bool = False, seed: int = 0,
                  cache_dir: str | None = None, num_workers: int = 0,

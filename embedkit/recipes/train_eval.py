@@ -196,21 +196,23 @@ def load_trained_stage(cfg: DictConfig, name: str, tokenizer, out_dir: Path) -> 
 # ---------------------------------------------------------------- the run
 
 class Examples:
-    """Training rows read once per distinct data source config, shared by rows and stages."""
+    """Training rows read once per distinct set of rows, shared by rows and stages.
+
+    Which rows a data config reads is its module's to say (`examples_key()`,
+    embedkit/data/base.py): configs that differ only in how rows are batched share one read."""
 
     def __init__(self):
         self._by_key: dict[str, list[dict]] = {}
         self._bad_rows: dict[str, dict] = {}
 
     def key(self, data_cfg: DictConfig) -> str:
-        # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
-        return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                           for k in ("sources", "tasks", "mining", "max_examples", "seed", "on_bad_row")},
-                          sort_keys=True, default=str)
+        # Building the module reads nothing (sources are partials); its interpolations
+        # (${paths.data_dir}) resolve against the whole config, in place.
+        return instantiate(data_cfg).examples_key()
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
-        key = self.key(data_cfg)
         data = instantiate(data_cfg)
+        key = data.examples_key()
         if key not in self._by_key:
             self._by_key[key] = data.examples
             self._bad_rows[key] = data.bad_rows
@@ -246,8 +248,9 @@ def run(cfg: DictConfig) -> float | None:
         for step in row["plan"]:
             data_cfg = step["cfg"].data
             policies.add(data_cfg.get("on_bad_row", "error"))
-            if examples.key(data_cfg) not in seen:
-                seen.add(examples.key(data_cfg))
+            key = examples.key(data_cfg)
+            if key not in seen:
+                seen.add(key)
                 vocab_texts += examples.get(data_cfg)[1]
     if cfg.model.get("init_from"):
         # Starting from a saved encoder: its ids are fixed, so its own tokenizer comes with it
