@@ -31,6 +31,7 @@ import numpy as np
 import pytorch_lightning as pl
 
 from embedkit.data.batching import GroupBatchSampler
+from embedkit.data.sources import call_source
 
 log = logging.getLogger(__name__)
 BAD_ROW_POLICIES = ("error", "skip")
@@ -108,11 +109,7 @@ class TextDataModule(pl.LightningDataModule):
         return self._examples
 
     def _read(self, source: Callable[[], list[dict]]) -> list[dict]:
-        kwargs = {}
-        keywords = source.keywords if isinstance(source, functools.partial) else {}
-        if "on_bad_row" not in keywords and "on_bad_row" in inspect.signature(source).parameters:
-            kwargs["on_bad_row"] = self.on_bad_row
-        rows = source(**kwargs)
+        rows = call_source(source, self.on_bad_row)
         for path, skipped in (getattr(rows, "skipped_by_path", None) or {}).items():
             if skipped:
                 self.bad_rows.setdefault(path, []).extend(skipped)
