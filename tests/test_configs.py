@@ -78,6 +78,48 @@ def test_objective_and_eval_instantiate_from_config():
     assert objective.temperature == 0.02 and objective.train_group_size == 1
 
 
+BGE = "为这个句子生成表示以用于检索相关文章："
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    # {(row, stage): instruction on training queries and on eval queries} of the final stages
+    ("bge_ablation_recipe", {("BGE-pretrain", "pretrain"): None, ("BGE-pretrain", "general"): None,
+                             ("BGE w.o. pre-train", "general"): None, ("BGE w.o. Instruct", "general"): None,
+                             ("BGE w.o. Instruct", "task"): None, ("BGE-finetune", "task"): BGE}),
+    ("conan_ablation", {("Baseline", "general"): None, ("Vanilla", "vanilla"): BGE, ("+DHNM", "dhnm"): BGE,
+                        ("+CBB", "cbb"): BGE, ("Conan", "conan"): BGE}),
+    ("m3_ablation_selfdistill", {("self-distill", None): None}),
+    ("mrl_dims", {("*", None): BGE}),   # a plain run: one row, labelled by its overrides
+    ("bge_ablation_batchsize", {("32", None): None, ("512", None): None}),
+])
+def test_one_instruction_node_reaches_the_training_data_and_the_eval(compose_run, experiment, expected):
+    """`instruction.query` (or `stages.<name>.instruction.query`) is what the stage's contrastive data
+    puts in front of training queries and what the eval puts in front of retrieval queries."""
+    from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+
+    cfg = compose_run([f"+experiment={experiment}", "debug=smoke"])
+    found = {}
+    for row in ablation_rows(cfg):
+        row_cfg = row_config(cfg, row["overrides"])
+        for stage in row["stages"] or [None]:
+            stage_cfg = stage_config(row_cfg, stage, None)
+            data = OmegaConf.to_container(stage_cfg.data, resolve=True)
+            trained = (data["tasks"]["retrieval"] if "tasks" in data else data).get("query_instruction")
+            if stage != "pretrain":
+                assert trained == stage_cfg.eval.query_instruction, (row["label"], stage)
+            found[(row["label"], stage)] = stage_cfg.eval.query_instruction
+            found[("*", stage)] = stage_cfg.eval.query_instruction
+    assert {k: found[k] for k in expected} == expected
+
+
+def test_only_contrastive_data_takes_an_instruction():
+    cfg = _compose(["+experiment=conan_ablation"])
+    assert "query_instruction" not in cfg.stages.vanilla.data
+    assert "query_instruction" not in cfg.stages.vanilla.data.tasks.sts
+    for data in ("sts_pairs", "pd_corpus"):
+        assert "query_instruction" not in _compose([f"data={data}"]).data, data
+
+
 def test_typo_in_a_group_option_lists_the_valid_options():
     with pytest.raises((MissingConfigException, ConfigCompositionException)) as err:
         _compose(["model=tiny_zhh"])

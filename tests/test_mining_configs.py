@@ -39,5 +39,6 @@ def test_dhnm_callback_and_multitask_objective_compose():
     cb = instantiate(cfg.callbacks.dhnm)
     assert (cb.check_every, cb.ratio, cb.max_abs, cb.offset, cb.task) == (100, 1.15, 0.8, 10, "retrieval")
     assert cfg.data.tasks.retrieval.train_group_size == 4 and cfg.data.mode == "sequential"
-    assert cfg.data.query_instruction == cfg.data.tasks.retrieval.query_instruction
+    assert cfg.data.tasks.retrieval.query_instruction == cfg.eval.query_instruction   # ${instruction.query}
+    assert "query_instruction" not in cfg.data and "query_instruction" not in cfg.data.tasks.sts
     assert set(cfg.objective.tasks) == {"retrieval", "sts"}

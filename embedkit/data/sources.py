@@ -38,7 +38,7 @@ def zh_mini_jsonl(data_dir: str, file: str, on_bad_row: str = "error",
     """A FlagEmbedding jsonl file of the zh-mini bundle, e.g. `train/nli_triplets.jsonl`.
 
     `prompt` stamps every row that has none with FlagEmbedding's per-row instruction: `""` keeps
-    this file's queries plain whatever the data config's `query_instruction` (symmetric tasks).
+    this file's queries plain whatever the run's instruction (`instruction.query`; symmetric tasks).
     """
     from embedkit.data.readers import read_retrieval_jsonl
 

@@ -4,7 +4,7 @@
   row for a plain run or a `-m` sweep job.
 - `row_config`: the run's config with a row's `overrides` applied.
 - `stage_config`: a row's config with one stage's parts (`stages.<name>.objective`, `.data`,
-  `.callbacks`, trainer/model tweaks) swapped in.
+  `.callbacks`, `.instruction`, trainer/model tweaks) swapped in.
 
 The recipe (embedkit/recipes/train_eval.py) and its checks before training
 (embedkit/recipes/preflight.py) both build rows and stages with these, so both see one config.
@@ -48,7 +48,8 @@ def row_config(cfg: DictConfig, overrides: dict) -> DictConfig:
 
 
 def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) -> DictConfig:
-    """The row's config with one stage's objective and data swapped in (and its trainer/model tweaks)."""
+    """The row's config with one stage's objective, data, callbacks and instruction swapped in (and
+    its trainer/model tweaks)."""
     cfg = row_cfg.copy()
     with open_dict(cfg):
         if stage is not None:
@@ -65,6 +66,10 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
                     cfg[part] = OmegaConf.merge(cfg[part], spec[part])
             if "callbacks" in spec:
                 cfg.callbacks = spec.callbacks   # a stage's own training callbacks (e.g. DHNM)
+            if spec.get("instruction") is not None:
+                # The stage's query instruction (conf/instruction/), which its data and the eval
+                # read as ${instruction.query}; a stage without one keeps the run's.
+                cfg.instruction = spec.instruction
         if init_from is not None:
             cfg.model.init_from = init_from
     return cfg
