@@ -1,33 +1,19 @@
 """Config composition for every experiment at both scales, and Hydra's errors on typos."""
 
+import functools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from embedkit.config import CONFIG_DIR
+from helpers import compose
+from helpers import resolve as _resolve
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-
-
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
-def _resolve(cfg):
-    # ${hydra:runtime.output_dir} is only set inside a Hydra app; give it a value to resolve the rest.
-    cfg.hydra.runtime.output_dir = "/tmp/embedkit-compose"
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig.instance().set_config(cfg)
-    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return OmegaConf.to_container(body, resolve=True)
+_compose = functools.partial(compose, return_hydra_config=True)
 
 
 def test_experiments_exist():

@@ -183,3 +183,17 @@ def test_find_cycle(graph, cycle):
 def test_find_cycles_names_each_group_once():
     assert find_cycles({"a": {"b"}, "b": {"a", "c"}, "c": {"b"}, "d": {"e"}, "e": {"d"}}) == \
         [["a", "b", "a"], ["d", "e", "d"]]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers.py (and _numerics.py, conftest.py fixtures): a test
+    module importing another runs that module's collection side effects and couples the two."""
+    tests = Path(__file__).resolve().parent
+    names = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}:{node.lineno} imports {m}" for m in mods if m.split(".")[-1] in names]
+    assert not found, "\n".join(found)
