@@ -1,4 +1,9 @@
-"""Hydra/OmegaConf glue shared by `run.py` and the tests: the config folder and our resolvers."""
+"""Hydra/OmegaConf glue shared by `run.py` and the tests: the config folder and our resolvers.
+
+A bottom-layer module (tests/test_layers.py): it imports only embedkit.folders and
+embedkit.provenance, so any entry point (`run.py`, `python -m embedkit.mining`, the report) may
+import it to register the resolvers.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,10 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("embedkit_root"):
         OmegaConf.register_new_resolver("embedkit_root", lambda: str(REPO_ROOT))
     # `${embedkit_run_dir:base,fresh,${resume}}`: Hydra's run/sweep folder, the newest one under
-    # `base` when resuming (embedkit/recipes/recovery.py).
+    # `base` when resuming (embedkit/folders.py).
     if not OmegaConf.has_resolver("embedkit_run_dir"):
         def run_dir(base, fresh, resume=False):
-            from embedkit.recipes.recovery import run_dir as resolve
+            from embedkit.folders import run_dir as resolve
 
             return resolve(str(base), str(fresh), resume)
 
@@ -27,7 +32,7 @@ def register_resolvers() -> None:
     # job's folder, found by its overrides (a resumed sweep's jobs land where they ran before).
     if not OmegaConf.has_resolver("embedkit_job_subdir"):
         def job_subdir(sweep_dir, num, overrides):
-            from embedkit.recipes.recovery import job_subdir as resolve
+            from embedkit.folders import job_subdir as resolve
 
             return resolve(str(sweep_dir), num, list(overrides))
 
@@ -36,7 +41,7 @@ def register_resolvers() -> None:
     # when resuming, so the configs of the run that made the results are kept.
     if not OmegaConf.has_resolver("embedkit_hydra_subdir"):
         def hydra_subdir(output_dir):
-            from embedkit.recipes.recovery import hydra_subdir as resolve
+            from embedkit.folders import hydra_subdir as resolve
 
             return resolve(str(output_dir))
 

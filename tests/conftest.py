@@ -1,12 +1,8 @@
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py: steady timings with 2 cores
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR", REPO.parent / "shared" / "data" / "zh-mini"))
 
 
 @pytest.fixture(autouse=True)
@@ -36,17 +32,13 @@ def compose_run(tmp_path):
     """`compose_run([overrides])`: conf/train.yaml composed as `python run.py overrides` would, with
     the run folder (tmp_path/run) and the cache (tmp_path/cache) under tmp_path, and Hydra's runtime
     config set, so `${hydra:...}` resolves and the recipe's `ablation_rows` works outside an app."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from embedkit.config import CONFIG_DIR
+    from helpers import compose
 
     def _compose(overrides=()):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"paths.cache_dir={tmp_path}/cache", *overrides],
-                          return_hydra_config=True)
+        cfg = compose([f"paths.cache_dir={tmp_path}/cache", *overrides], return_hydra_config=True)
         cfg.hydra.runtime.output_dir = str(tmp_path / "run")
         HydraConfig.instance().set_config(cfg)
         return cfg

@@ -86,6 +86,38 @@ def test_a_source_that_sets_its_own_policy_keeps_it(tmp_path):
         instantiate(cfg).examples
 
 
+def test_the_policy_reaches_every_vocabulary_corpus_that_reads_files(tmp_path, caplog):
+    """The vocabulary re-reads training files (`model.tokenizer.corpora`): the run's on_bad_row
+    reaches each of them, unless a corpus's own config sets one."""
+    from functools import partial
+
+    from embedkit.data.sources import jsonl_texts
+    from embedkit.models.build import char_level_tokenizer
+
+    bundle = _bundle(tmp_path)
+    corpora = [lambda: ["无需读文件"], partial(jsonl_texts, data_dir=str(bundle), file="train/pairs.jsonl"),
+               partial(jsonl_texts, data_dir=str(bundle), file="train/sts.jsonl", format="sts")]
+    with pytest.raises(BadRowError, match=r"pairs.jsonl:2"):
+        char_level_tokenizer([], tmp_path / "strict", corpora=corpora, on_bad_row="error")
+    with caplog.at_level(logging.WARNING, logger="embedkit.data.sources"):
+        tok = char_level_tokenizer([], tmp_path / "tok", corpora=corpora, on_bad_row="skip")
+    assert "skipped 2 bad row(s)" in caplog.text and "需" in tok.get_vocab() and "飞" in tok.get_vocab()
+    corpora[1] = partial(jsonl_texts, data_dir=str(bundle), file="train/pairs.jsonl", on_bad_row="error")
+    with pytest.raises(BadRowError):
+        char_level_tokenizer([], tmp_path / "own", corpora=corpora, on_bad_row="skip")
+
+
+def test_the_configured_vocabulary_corpora_leave_the_policy_to_the_run():
+    from hydra import compose, initialize_config_dir
+
+    from embedkit.config import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny_zh"])
+    files = [c for c in cfg.model.tokenizer.corpora if "file" in c]
+    assert len(files) == 4 and not [c for c in cfg.model.tokenizer.corpora if "on_bad_row" in c]
+
+
 def test_every_data_config_has_the_switch():
     from hydra import compose, initialize_config_dir
 

@@ -1,33 +1,19 @@
 """Config composition for every experiment at both scales, and Hydra's errors on typos."""
 
+import functools
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from embedkit.config import CONFIG_DIR
+from helpers import compose
+from helpers import resolve as _resolve
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-
-
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
-def _resolve(cfg):
-    # ${hydra:runtime.output_dir} is only set inside a Hydra app; give it a value to resolve the rest.
-    cfg.hydra.runtime.output_dir = "/tmp/embedkit-compose"
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig.instance().set_config(cfg)
-    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return OmegaConf.to_container(body, resolve=True)
+_compose = functools.partial(compose, return_hydra_config=True)
 
 
 def test_experiments_exist():
@@ -76,6 +62,48 @@ def test_objective_and_eval_instantiate_from_config():
     assert suite.max_rows == 64 and suite.query_instruction is None
     objective = instantiate(cfg.objective, encoder=None)
     assert objective.loss.temperature == 0.02 and cfg.data.train_group_size == 1
+
+
+BGE = "为这个句子生成表示以用于检索相关文章："
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    # {(row, stage): instruction on training queries and on eval queries} of the final stages
+    ("bge_ablation_recipe", {("BGE-pretrain", "pretrain"): None, ("BGE-pretrain", "general"): None,
+                             ("BGE w.o. pre-train", "general"): None, ("BGE w.o. Instruct", "general"): None,
+                             ("BGE w.o. Instruct", "task"): None, ("BGE-finetune", "task"): BGE}),
+    ("conan_ablation", {("Baseline", "general"): None, ("Vanilla", "vanilla"): BGE, ("+DHNM", "dhnm"): BGE,
+                        ("+CBB", "cbb"): BGE, ("Conan", "conan"): BGE}),
+    ("m3_ablation_selfdistill", {("self-distill", None): None}),
+    ("mrl_dims", {("*", None): BGE}),   # a plain run: one row, labelled by its overrides
+    ("bge_ablation_batchsize", {("32", None): None, ("512", None): None}),
+])
+def test_one_instruction_node_reaches_the_training_data_and_the_eval(compose_run, experiment, expected):
+    """`instruction.query` (or `stages.<name>.instruction.query`) is what the stage's contrastive data
+    puts in front of training queries and what the eval puts in front of retrieval queries."""
+    from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+
+    cfg = compose_run([f"+experiment={experiment}", "debug=smoke"])
+    found = {}
+    for row in ablation_rows(cfg):
+        row_cfg = row_config(cfg, row["overrides"])
+        for stage in row["stages"] or [None]:
+            stage_cfg = stage_config(row_cfg, stage, None)
+            data = OmegaConf.to_container(stage_cfg.data, resolve=True)
+            trained = (data["tasks"]["retrieval"] if "tasks" in data else data).get("query_instruction")
+            if stage != "pretrain":
+                assert trained == stage_cfg.eval.query_instruction, (row["label"], stage)
+            found[(row["label"], stage)] = stage_cfg.eval.query_instruction
+            found[("*", stage)] = stage_cfg.eval.query_instruction
+    assert {k: found[k] for k in expected} == expected
+
+
+def test_only_contrastive_data_takes_an_instruction():
+    cfg = _compose(["+experiment=conan_ablation"])
+    assert "query_instruction" not in cfg.stages.vanilla.data
+    assert "query_instruction" not in cfg.stages.vanilla.data.tasks.sts
+    for data in ("sts_pairs", "pd_corpus"):
+        assert "query_instruction" not in _compose([f"data={data}"]).data, data
 
 
 def test_typo_in_a_group_option_lists_the_valid_options():

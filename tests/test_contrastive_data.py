@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedkit.data.contrastive import ContrastiveDataModule, GroupBatchSampler
+from embedkit.data.batching import GroupBatchSampler
+from embedkit.data.contrastive import ContrastiveDataModule
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
 ROWS = [
@@ -157,7 +158,7 @@ def test_lightning_finds_set_epoch_on_the_batch_sampler(tokenizer):
 
 
 def _tokenize_into(tokenizer_dir, cache_dir, texts, barrier, results):
-    from embedkit.data.contrastive import tokenize_table
+    from embedkit.data.batching import tokenize_table
     from embedkit.models.vocab import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)

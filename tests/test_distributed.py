@@ -18,8 +18,6 @@ import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from test_gradcache import PASSAGES, QUERIES, encoder, tokens
-
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT
 from embedkit.objectives.infonce import InfoNCE, InfoNCELoss
@@ -27,6 +25,8 @@ from embedkit.objectives.m3 import M3
 from embedkit.objectives.matryoshka import Matryoshka
 
 from _numerics import RTOL64, assert_close_scaled, scale_of
+from helpers import PASSAGES, QUERIES, tokens
+from helpers import toy_encoder as encoder
 
 pytestmark = pytest.mark.slow   # each case spawns two processes (~10-20 s on 2 shared cores)
 

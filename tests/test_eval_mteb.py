@@ -285,6 +285,75 @@ def test_unknown_task_type_lists_the_valid_ones(tmp_path):
     assert all(task_type in message for task_type in TASK_TYPES)
 
 
+# --------------------------------------------------------------------------------------------------
+# the suite's task folders are a configured list
+
+
+def _own_task(tmp_path: Path, name: str = "MyAFQMC") -> Path:
+    """A user's own task: a copy of a small zh-mini task under another name, outside the bundle."""
+    import shutil
+
+    folder = tmp_path / "my_tasks" / name
+    shutil.copytree(EVAL_DIR / "AFQMC", folder)
+    config = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+    (folder / "task.json").write_text(json.dumps({**config, "name": name}), encoding="utf-8")
+    return folder
+
+
+def _mini_cmteb(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from embedkit.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={DATA}", "eval.max_rows=24", "seed=0",
+                                          "eval.show_progress=false", *overrides])
+    return instantiate(cfg.eval)
+
+
+@needs_data
+def test_the_suite_is_the_listed_folders_and_ignores_unlisted_ones(tmp_path):
+    import shutil
+
+    suite = _mini_cmteb([])
+    assert [f.name for f in suite.task_folders()] == sorted(EXPECTED)   # the 12, by name
+    # A bundle with a folder nobody listed (not even a task): the suite never reads it.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(EVAL_DIR / "STSB", bundle / "eval" / "STSB")
+    shutil.copytree(EVAL_DIR / "AFQMC", bundle / "eval" / "AFQMC")
+    (bundle / "eval" / "NotATask").mkdir()
+    suite = _mini_cmteb([f"eval.data_dir={bundle}", "eval.task_dirs=[STSB,AFQMC]"])
+    assert [t.metadata.name for t in suite.tasks()] == ["STSB", "AFQMC"]
+    # A listed folder that is missing is an error, not a smaller average.
+    with pytest.raises(TaskDataError, match=r"task folder\(s\) not found: .*LCQMC"):
+        _mini_cmteb([f"eval.data_dir={bundle}", "eval.task_dirs=[STSB,LCQMC]"]).tasks()
+
+
+@needs_data
+def test_a_users_own_task_folder_joins_with_one_config_line(tmp_path):
+    folder = _own_task(tmp_path)
+    suite = _mini_cmteb([f"eval.extra_task_dirs=[{folder}]", "eval.tasks=[STSB,MyAFQMC]"])
+    assert [t.metadata.name for t in suite.tasks()] == ["STSB", "MyAFQMC"]
+    results = _quiet_evaluate(MtebEncoder(CharBigramEncoder(), "test/own", "r"), suite.tasks(), tmp_path / "out",
+                              batch_size=32)
+    assert set(results["tasks"]) == {"STSB", "MyAFQMC"}
+    assert results["Avg"] == pytest.approx((results["tasks"]["STSB"] + results["tasks"]["MyAFQMC"]) / 2)
+    # Every listed task plus the user's: 13, the user's last.
+    every = _mini_cmteb([f"eval.extra_task_dirs=[{folder}]"])
+    assert [f.name for f in every.task_folders()] == [*sorted(EXPECTED), "MyAFQMC"]
+    # Only the user's tasks: no bundled folder is listed.
+    only = _mini_cmteb([f"eval.extra_task_dirs=[{folder}]", "eval.task_dirs=[]", "eval.data_dir=/nonexistent"])
+    assert [t.metadata.name for t in only.tasks()] == ["MyAFQMC"]
+
+
+@needs_data
+def test_two_task_folders_of_one_name_are_refused(tmp_path):
+    folder = _own_task(tmp_path, "STSB")
+    with pytest.raises(TaskDataError, match="two task folders are named 'STSB'"):
+        _mini_cmteb([f"eval.extra_task_dirs=[{folder}]"]).tasks()
+
+
 def test_missing_task_json_is_named(tmp_path):
     (tmp_path / "Empty").mkdir()
     with pytest.raises(TaskDataError, match="task.json"):

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_report import _scores, write_run
+from helpers import scores as _scores, write_run
 
 from embedkit import runs
 from embedkit.reporting import experiments, plots, report

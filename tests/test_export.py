@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from embedkit.models.build import load_encoder, tiny_zh_encoder
+from embedkit.models.build import load_encoder
 from embedkit.models.export import export_sentence_transformers
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
-from conftest import DATA
+from helpers import DATA, tiny_encoder
 from _numerics import RTOL32, assert_close_scaled
 
 TEXTS = ["今天天气很好", "我们去公园散步吧", "人民日报一九九八年新年献词", "好", "embedding 模型 BGE",
@@ -45,10 +45,8 @@ def tokenizer(tmp_path_factory):
 
 
 def _encoder(tokenizer, pooling="cls", projection_dim=None, normalize=True, seed=0):
-    torch.manual_seed(seed)
-    return tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                           max_length=64, pooling=pooling, normalize=normalize,
-                           projection_dim=projection_dim).eval()
+    return tiny_encoder(tokenizer, seed, max_length=64, pooling=pooling, normalize=normalize,
+                        projection_dim=projection_dim).eval()
 
 
 def _sentence_transformer(path):

@@ -5,7 +5,6 @@ with clipping, accumulation, the LR schedule and the grad-norm / non-finite chec
 import pytest
 import torch
 
-from embedkit.models.build import tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT, CoSENTLoss
 from embedkit.objectives.gradcache import GradCache
@@ -14,11 +13,9 @@ from embedkit.objectives.m3 import M3
 from embedkit.objectives.matryoshka import Matryoshka
 
 from _numerics import EPS32, RTOL64, assert_close_scaled, scale_of
-
-QUERIES = ["北京是中国的首都吗", "上海在哪里", "长江有多长", "今天天气怎么样", "熊猫吃什么", "茶叶产自哪里"]
-PASSAGES = ["北京是中华人民共和国的首都", "上海在长江口", "长江全长六千多公里", "今天晴转多云",
-            "大熊猫主要吃竹子", "中国南方多产茶叶", "黄河是中国第二长河", "故宫在北京",
-            "上海是国际大都市", "熊猫生活在四川", "天气预报说明天下雨", "绿茶和红茶都很有名"]
+from helpers import (PASSAGES, QUERIES, assert_same_grads, cached_loss_and_grads, pair_batch,
+                     plain_loss_and_grads, sts_batch)
+from helpers import toy_encoder as encoder
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,27 +26,6 @@ def tok(tmp_path_factory):
     return save_tokenizer(build_char_vocab(QUERIES + PASSAGES), tmp_path_factory.mktemp("gctok"))
 
 
-def encoder(tok, dropout=0.0, seed=0):
-    torch.manual_seed(seed)
-    return tiny_zh_encoder(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                           max_length=64, dropout=dropout, pooling="mean")
-
-
-def tokens(tok, texts):
-    t = tok(texts, padding=True, return_tensors="pt")
-    return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
-
-
-def pair_batch(tok, n_queries=6, group=2):
-    return {"query": tokens(tok, QUERIES[:n_queries]),
-            "passages": tokens(tok, PASSAGES[:n_queries * group])}
-
-
-def sts_batch(tok):
-    return {"sentence1": tokens(tok, QUERIES), "sentence2": tokens(tok, PASSAGES[:6]),
-            "labels": torch.tensor([5.0, 4.0, 1.0, 3.0, 0.0, 2.0])}
-
-
 OBJECTIVES = {
     "infonce": (lambda enc: InfoNCE(enc, temperature=0.05), pair_batch),
     "cosent": (lambda enc: CoSENT(enc), sts_batch),
@@ -58,32 +34,6 @@ OBJECTIVES = {
     "matryoshka_cosent": (lambda enc: Matryoshka(enc, inner=CoSENTLoss(), dims=[16, 32]), sts_batch),
     "m3": (lambda enc: M3(enc), pair_batch),
 }
-
-
-def plain_loss_and_grads(module, batch):
-    module.zero_grad(set_to_none=True)
-    loss = module.loss_from_embeddings(module.embed(batch), batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def cached_loss_and_grads(module, batch, mini_batch):
-    module.zero_grad(set_to_none=True)
-    gc = GradCache(mini_batch=mini_batch)
-    loss, _, leaves, chunks = gc.loss_and_cache(module, batch)
-    keys = list(leaves)
-    grads = dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)))
-    gc.replay(module, batch, chunks, grads, backward=lambda s: s.backward())
-    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
-def assert_same_grads(actual, expected):
-    """Parameter gradients equal to float64 rounding, relative to the largest of them: some are
-    ~0 by cancellation (the attention key bias, by softmax invariance) and carry only noise."""
-    assert set(actual) == set(expected) and len(expected) > 4
-    scale = scale_of(expected)
-    for n, g in expected.items():
-        assert_close_scaled(actual[n], g, RTOL64, scale=scale, what=n)
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

@@ -3,6 +3,7 @@ the Optuna search), the Optuna search space parses into the distributions it mea
 joblib sweep runs for real (slow)."""
 
 import csv
+import functools
 import json
 import math
 import os
@@ -11,22 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from embedkit.config import CONFIG_DIR, REPO_ROOT
+from embedkit.config import REPO_ROOT
+from helpers import compose
 from embedkit.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+_compose = functools.partial(compose, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("launcher, target", [

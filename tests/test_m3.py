@@ -1,6 +1,7 @@
 """BGE-M3: the three scores on worked cases, the loss and its switches, the heads' files, a short
 training run, and the mteb search models of the retrieval modes."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from embedkit.models.m3_heads import (
 from embedkit.objectives.infonce import info_nce_loss
 from embedkit.objectives.m3 import M3, m3_loss
 
-from conftest import DATA
+from helpers import DATA, tiny_encoder
 
 from _numerics import RTOL64, assert_close_scaled
 
@@ -216,12 +217,7 @@ def tok(tmp_path_factory):
     return save_tokenizer(build_char_vocab(texts), tmp_path_factory.mktemp("m3tok"))
 
 
-def _encoder(tok, seed=0, pooling="cls"):
-    from embedkit.models.build import tiny_zh_encoder
-
-    torch.manual_seed(seed)
-    return tiny_zh_encoder(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                           max_length=64, dropout=0.0, pooling=pooling)
+_encoder = functools.partial(tiny_encoder, max_length=64, dropout=0.0)   # (tok, seed=0, pooling=...)
 
 
 def _batch(tok, queries, passages):

@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedkit.models.build import init_encoder_from, load_encoder, tiny_zh_encoder
+from embedkit.models.build import init_encoder_from, load_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.cosent import CoSENT, CoSENTLoss, cosent_loss
 from embedkit.objectives.infonce import InfoNCE, InfoNCELoss, info_nce_loss
 from embedkit.objectives.matryoshka import Matryoshka, TruncatedEncoder, truncate
 
 from _numerics import RTOL32, RTOL64, assert_close_scaled
+from helpers import compose as _compose
+from helpers import tiny_encoder
 
 TEXTS = ["今天天气很好", "我们去公园散步吧", "人民日报一九九八年新年献词", "好", "embedding 模型 BGE",
          "北京是中国的首都", "上海在长江口"]
@@ -30,10 +32,7 @@ def tokenizer(tmp_path_factory):
     return save_tokenizer(build_char_vocab(TEXTS), tmp_path_factory.mktemp("tok"))
 
 
-def _encoder(tokenizer, **kw):
-    torch.manual_seed(0)
-    args = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, dropout=0.0)
-    return tiny_zh_encoder(tokenizer, **{**args, **kw})
+_encoder = functools.partial(tiny_encoder, dropout=0.0)   # (tokenizer, **tiny_zh_encoder kwargs)
 
 
 def _vectors(*shape, seed=0, dtype=torch.float64):
@@ -322,17 +321,6 @@ def test_truncated_encoder_passes_progress_arguments_through(tokenizer):
 
 
 # ---------------------------------------------------------------- config
-
-
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from embedkit.config import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def test_config_builds_the_inner_objective_around_the_same_encoder(tokenizer):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DATA
+from helpers import DATA
 from embedkit.data.contrastive import ContrastiveDataModule
 from embedkit.data.no_duplicates import pack_without_duplicates
 

@@ -62,14 +62,14 @@ def test_eval_task_names_an_empty_list_is_an_error_and_null_means_all(tmp_path):
 ])
 def test_preflight_rejects_an_empty_or_unknown_task_selection(compose_run, tmp_path, tasks, message):
     root = _eval_copy(tmp_path / "bundle", "STSB", "AFQMC")
-    cfg = compose_run([f"eval.data_dir={root}", tasks])
+    cfg = compose_run([f"eval.data_dir={root}", "eval.task_dirs=[AFQMC,STSB]", tasks])
     with pytest.raises(ConfigError, match=message):
         preflight(cfg, recipe.ablation_rows(cfg), instantiate(cfg.eval))
 
 
 def test_a_broken_eval_file_fails_preflight_and_good_tasks_stay_loaded(compose_run, tmp_path, monkeypatch):
     root = _eval_copy(tmp_path / "bundle", "STSB", "AFQMC")
-    cfg = compose_run([f"eval.data_dir={root}", "eval.max_rows=16"])
+    cfg = compose_run([f"eval.data_dir={root}", "eval.task_dirs=[AFQMC,STSB]", "eval.max_rows=16"])
     suite = instantiate(cfg.eval)
     preflight(cfg, recipe.ablation_rows(cfg), suite)
     # The suite keeps what preflight read: evaluation reads no file again (mteb skips load_data

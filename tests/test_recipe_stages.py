@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from embedkit.models.build import init_encoder_from, tiny_zh_encoder
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
-from embedkit.recipes.train_eval import row_config, stage_config, stage_key
+from embedkit.recipes.rows import row_config, stage_config
+from embedkit.recipes.train_eval import stage_key
 
 BASE = OmegaConf.create({
     "seed": 1,
@@ -47,6 +48,23 @@ def test_row_overrides_reach_stage_settings_and_change_the_reuse_key():
     assert stage_key(plain) != stage_key(no_instruction)
     assert stage_key(plain) == stage_key(stage_config(BASE, "task", "init"))
     assert stage_key(plain) != stage_key(stage_config(BASE, "task", "other-init"))
+
+
+def test_a_stage_sets_the_instruction_its_data_and_the_eval_read():
+    base = OmegaConf.merge(BASE, {
+        "instruction": {"query": None},
+        "eval": {"query_instruction": "${instruction.query}"},
+        "stages": {"task": {"instruction": {"query": "指令："},
+                            "data": {"query_instruction": "${instruction.query}"}},
+                   "pretrain": {"data": {"query_instruction": "${instruction.query}"}}}})
+    task = stage_config(base, "task", None)
+    assert task.data.query_instruction == task.eval.query_instruction == "指令："
+    pretrain = stage_config(base, "pretrain", None)   # no instruction of its own: the run's
+    assert pretrain.data.query_instruction is None and pretrain.eval.query_instruction is None
+    assert base.instruction.query is None   # the base is untouched
+    plain = stage_config(row_config(base, {"stages.task.instruction.query": None}), "task", None)
+    assert plain.data.query_instruction is None and plain.eval.query_instruction is None
+    assert stage_key(plain) != stage_key(task)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import scores as _scores, write_run
 
 from embedkit.reporting import report
-from embedkit.reporting.tables import COLUMNS, write_table
+from embedkit.reporting.tables import COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,42 +23,6 @@ def declared():
     from embedkit.reporting import experiments
 
     return {e.name: e for e in experiments.load()}
-
-
-def _scores(**kw):
-    base = {c: 30.0 for c in COLUMNS}
-    base.update(kw)
-    return base
-
-
-def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",), stages=None,
-              config=None, paper_rows=None, single=False):
-    """A finished run folder as embedkit/recipes/train_eval.py leaves it (table.*, rows/*/results.json,
-    .hydra/config.yaml and overrides.yaml)."""
-    from embedkit.runs import safe_label
-
-    table = [{"label": label, **scores} for label, scores in rows.items()]
-    for label, scores in rows.items():
-        base = label.split(" ")[0] if stages is None else label
-        # one-row runs (mrl_dims: one model, a variant per width) keep results.json at the root
-        row_dir = folder if single else folder / "rows" / safe_label(base)
-        row_dir.mkdir(parents=True, exist_ok=True)
-        if not (row_dir / "results.json").exists():
-            (row_dir / "results.json").write_text(json.dumps({
-                "label": base, "categories": {c: scores[c] for c in COLUMNS[:-1]}, "Avg": scores["Avg"],
-                "scale": "mini", "steps": 70, "stage_steps": stages or {"train": 70}, "train_seconds": 12.5,
-                "paper_row": (paper_rows or {}).get(label)}))
-    write_table(table, folder, first="row")
-    (folder / ".hydra").mkdir(exist_ok=True)
-    cfg = {"scale": {"name": "mini"},
-           "model": {"name": "tiny_zh", "encoder": {"hidden_size": 128, "num_layers": 2, "pooling": "mean"}},
-           "trainer": {"max_steps": -1}, "eval": {"_target_": "embedkit.eval.suite.MiniCMTEB", "max_rows": None},
-           "data": {"sources": [{"_target_": "embedkit.data.sources.people_daily_pairs"}],
-                    "batch_size": 32, "max_examples": None}}
-    cfg.update(config or {})
-    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
-    return folder
 
 
 def _paper(name):

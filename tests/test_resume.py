@@ -17,8 +17,9 @@ import torch
 
 from embedkit.checkpointing import (AtomicCheckpointIO, RngState, atomic_torch_save, latest_checkpoint,
                                     safe_torch_load)
-from embedkit.data.contrastive import GroupBatchSampler
-from embedkit.recipes.recovery import finished_results, inside, run_dir
+from embedkit.data.batching import GroupBatchSampler
+from embedkit.folders import run_dir
+from embedkit.recipes.recovery import finished_results, inside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,13 +113,13 @@ def test_checkpoint_loading_never_unpickles_code(tmp_path):
 # ---------------------------------------------------------------- run folders and finished rows
 
 def test_resume_picks_the_newest_run_folder(tmp_path, monkeypatch):
-    import embedkit.recipes.recovery as recovery
+    import embedkit.folders as folders
 
-    monkeypatch.setattr(recovery, "_chosen", {})   # each call below plays a new process
+    monkeypatch.setattr(folders, "_chosen", {})   # each call below plays a new process
     base = tmp_path / "runs"
     assert run_dir(str(base), "2026-01-03_00-00-00", True) == f"{base}/2026-01-03_00-00-00"  # nothing yet
     shutil.rmtree(base)
-    recovery._chosen.clear()
+    folders._chosen.clear()
     for name in ("2026-01-01_10-00-00", "2026-01-02_09-00-00"):
         (base / name).mkdir(parents=True)
     assert run_dir(str(base), "2026-01-03_00-00-00", True) == str(base / "2026-01-02_09-00-00")
@@ -168,6 +169,7 @@ def test_the_recipe_refuses_a_row_label_that_escapes(tmp_path, monkeypatch):
         {"label": "..", "paper_row": None, "overrides": {}, "stages": None}])
     monkeypatch.setattr(recipe, "finished_results", lambda row_dir, label: {"": {"Avg": 1.0}})
     monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
     monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: None)
     from omegaconf import OmegaConf
 
@@ -265,6 +267,7 @@ def test_a_resumed_run_keeps_finished_rows_and_runs_the_rest(tmp_path, monkeypat
     monkeypatch.setattr(recipe, "run_row", run_row)
     monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
     monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
     monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
     out = tmp_path / "run"
     for label, results in (("32", {"label": "32", "variant": "", "categories": {"STS": 1.0}, "Avg": 1.0}),

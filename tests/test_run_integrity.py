@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import embedkit.folders as run_folders
 import embedkit.recipes.recovery as recovery
-from embedkit.recipes.recovery import (FolderInUse, SettingsChanged, check_settings, finished_results,
-                                       guarded, hydra_subdir, job_subdir, live_owner, run_dir)
+from embedkit.folders import FolderInUse, hydra_subdir, job_subdir, live_owner, run_dir
+from embedkit.recipes.recovery import SettingsChanged, check_settings, finished_results, guarded
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR", REPO.parent / "shared" / "data" / "zh-mini"))
@@ -25,8 +26,8 @@ DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR", REPO.parent / "shared" / "data" 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     # Each process answers a folder question once; each test here plays a new process.
-    monkeypatch.setattr(recovery, "_chosen", {})
-    monkeypatch.setattr(recovery, "_held", set())
+    monkeypatch.setattr(run_folders, "_chosen", {})
+    monkeypatch.setattr(run_folders, "_held", set())
 
 
 # ---------------------------------------------------------------- run folders and locks
@@ -34,7 +35,7 @@ def _fresh_choices(monkeypatch):
 def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
-        from embedkit.recipes.recovery import run_dir
+        from embedkit.folders import run_dir
         print(run_dir({str(tmp_path / "runs")!r}, "2026-01-01_00-00-00", False), flush=True)
         time.sleep(1.5)
     """)
@@ -53,7 +54,7 @@ def test_resume_never_picks_a_folder_a_live_run_is_writing(tmp_path):
     older.mkdir(parents=True), newest.mkdir()
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from embedkit.recipes.recovery import acquire
+        from embedkit.folders import acquire
         from pathlib import Path
         assert acquire(Path({str(newest)!r}))
         print("locked", flush=True)
@@ -70,7 +71,7 @@ def test_resume_never_picks_a_folder_a_live_run_is_writing(tmp_path):
         writer.wait()
     # The SIGKILLed writer left its lock behind: stale, so the folder can be resumed again.
     assert (newest / ".lock").exists() and live_owner(newest) is None
-    recovery._chosen.clear()
+    run_folders._chosen.clear()
     assert run_dir(str(base), "2026-01-03_00-00-00", True) == str(newest)
     assert json.loads((newest / ".lock").read_text())["pid"] == os.getpid()
 
@@ -86,7 +87,7 @@ def test_a_resumed_job_saves_its_configs_beside_the_first_ones(tmp_path):
     assert hydra_subdir(str(tmp_path)) == ".hydra"
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("objective: {lr: 0.1}\n")
-    recovery._chosen.clear()
+    run_folders._chosen.clear()
     assert hydra_subdir(str(tmp_path)).startswith(".hydra/resumed/")
 
 
@@ -108,7 +109,7 @@ def test_a_resumed_sweep_matches_jobs_by_overrides_not_position(tmp_path):
     assert json.loads((tmp_path / "2" / ".job.json").read_text())["overrides"][1] == "data.batch_size=32"
     # Asked again (Hydra resolves its keys more than once), the same answers.
     assert job_subdir(str(tmp_path), 0, ["debug=smoke", "data.batch_size=32", "resume=true"]) == "2"
-    recovery._chosen.clear()
+    run_folders._chosen.clear()
     assert job_subdir(str(tmp_path), 0, ["debug=smoke", "data.batch_size=32"]) == "2"   # by its claim
 
 

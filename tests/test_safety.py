@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from embedkit.config import CONFIG_DIR, REPO_ROOT
+from embedkit.config import REPO_ROOT
 from embedkit.redact import MASK, is_secret_key, redact, redact_text, secret_env_values
+from helpers import compose as _compose
 
 SOURCES = sorted((REPO_ROOT / "embedkit").rglob("*.py")) + [REPO_ROOT / "run.py"]
 WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"   # the shape of a W&B key, not a real one
@@ -84,15 +85,6 @@ def test_trust_remote_code_defaults_to_false_everywhere():
     for fn in (build.pretrained_tokenizer, build.hf_encoder, build.load_encoder,
                build._backbone_without_pooler, RetroMAE):   # the objective's arguments: its loss part's
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn.__qualname__
-
-
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.mark.parametrize("override,expected", [([], False), (["model.trust_remote_code=true"], True)])
@@ -193,7 +185,7 @@ APP = textwrap.dedent("""
     from hydra.core.hydra_config import HydraConfig
 
     from embedkit.config import CONFIG_DIR
-    from embedkit.recipes.train_eval import ablation_rows
+    from embedkit.recipes.rows import ablation_rows
 
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -213,7 +205,9 @@ APP = textwrap.dedent("""
 def _hydra_app(tmp_path, args):
     script = tmp_path / "app.py"
     script.write_text(APP, encoding="utf-8")
-    env = dict(os.environ, WANDB_API_KEY=WANDB_KEY, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    # PYTHONPATH: the app runs outside the checkout, and must import this checkout's embedkit.
+    env = dict(os.environ, WANDB_API_KEY=WANDB_KEY, WANDB_MODE="offline", HYDRA_FULL_ERROR="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     flags = [a for a in args if a.startswith("-")]   # Hydra's flags go before the overrides
     overrides = [a for a in args if not a.startswith("-")]
     proc = subprocess.run([sys.executable, str(script), *flags, f"paths.log_dir={tmp_path}/logs",
@@ -328,13 +322,7 @@ class _Stub:
 def test_a_config_without_credentials_is_left_as_it_is():
     # Masking must not fire on names that merely look like credentials (e.g. a callback named
     # after what it does): the saved configs of an ordinary run stay exactly as composed.
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        for experiment in ("bge_ablation_batchsize", "bge_ablation_recipe", "mrl_dims", "m3_ablation_selfdistill"):
-            cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"],
-                          return_hydra_config=True)
-            plain = OmegaConf.to_container(cfg, resolve=False)
-            assert redact(plain, secrets=[]) == plain, experiment
+    for experiment in ("bge_ablation_batchsize", "bge_ablation_recipe", "mrl_dims", "m3_ablation_selfdistill"):
+        cfg = _compose([f"+experiment={experiment}"], return_hydra_config=True)
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        assert redact(plain, secrets=[]) == plain, experiment

@@ -6,13 +6,19 @@ with checkpointing on.
 Not instantiated here: DeepSpeed (deepspeed is not installed: composition only) and FSDP's
 Trainer (Lightning refuses FSDP on a CPU accelerator; its strategy object is built instead)."""
 
+import functools
+
 import pytest
 from hydra.utils import instantiate
 
 from embedkit.config import CONFIG_DIR
-from test_configs import _compose, _resolve
 
 from _numerics import RTOL64, assert_close_scaled
+from helpers import (PASSAGES, QUERIES, assert_same_grads, cached_loss_and_grads, compose, pair_batch,
+                     plain_loss_and_grads, toy_encoder)
+from helpers import resolve as _resolve
+
+_compose = functools.partial(compose, return_hydra_config=True)
 
 TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
 EXPECTED = {   # name: (strategy, precision, num_nodes)
@@ -92,8 +98,6 @@ def test_grad_cache_trainer_overrides_take_the_composed_clip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from test_gradcache import PASSAGES, QUERIES
-
     from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
     return save_tokenizer(build_char_vocab(QUERIES + PASSAGES), tmp_path_factory.mktemp("tctok"))
@@ -114,17 +118,14 @@ def test_model_switches_compose_and_reach_the_backbone(tok):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_and_without_gradcache(tok):
-    from test_gradcache import (assert_same_grads, cached_loss_and_grads, encoder, pair_batch,
-                                plain_loss_and_grads)
-
     from embedkit.models.build import enable_gradient_checkpointing
     from embedkit.objectives.infonce import InfoNCE
 
     # An exactness claim: in float64 (tests/_numerics.py), equal to rounding.
     batch = pair_batch(tok)
-    plain = InfoNCE(encoder(tok), temperature=0.05).double()
+    plain = InfoNCE(toy_encoder(tok), temperature=0.05).double()
     loss, grads = plain_loss_and_grads(plain, batch)
-    ckpt = InfoNCE(encoder(tok), temperature=0.05).double()
+    ckpt = InfoNCE(toy_encoder(tok), temperature=0.05).double()
     enable_gradient_checkpointing(ckpt.encoder.backbone)
     ckpt.train()
     for run in (plain_loss_and_grads, lambda m, b: cached_loss_and_grads(m, b, 4)):
@@ -142,7 +143,7 @@ def test_paper_scale_19200_row_with_gradcache_composes():
     gc_row = rows[-1]["overrides"]
     assert gc_row["data.batch_size"] * gc_row["trainer.devices"] * gc_row["trainer.num_nodes"] == 19200
     assert gc_row["objective.grad_cache"] == {"mini_batch": 128}
-    from embedkit.recipes.train_eval import row_config
+    from embedkit.recipes.rows import row_config
 
     cfg = row_config(cfg, gc_row)   # as the recipe applies a row
     objective = instantiate(cfg.objective, encoder=None, _partial_=True)
@@ -154,15 +155,13 @@ def test_paper_scale_19200_row_with_gradcache_composes():
 
 @pytest.mark.parametrize("objective", ["infonce", "cosent", "matryoshka", "m3"])
 def test_every_embedding_objective_takes_the_grad_cache_switch(tok, objective):
-    from test_gradcache import encoder
-
     extra = ["objective.dims=[16,32]"] if objective == "matryoshka" else []
     cfg = _compose([f"objective={objective}", "objective.grad_cache.mini_batch=16", *extra])
-    module = instantiate(cfg.objective, encoder=encoder(tok))
+    module = instantiate(cfg.objective, encoder=toy_encoder(tok))
     assert module.grad_cache.mini_batch == 16 and module.automatic_optimization is False
     if objective == "matryoshka":   # the wrapper caches; its inner objective is a loss part
         import pytorch_lightning as pl
 
         assert [m for m in module.modules() if isinstance(m, pl.LightningModule)] == [module]
-    off = instantiate(_compose([f"objective={objective}", *extra]).objective, encoder=encoder(tok))
+    off = instantiate(_compose([f"objective={objective}", *extra]).objective, encoder=toy_encoder(tok))
     assert off.grad_cache is None and off.automatic_optimization is True

@@ -4,6 +4,12 @@ The recipe reads the sources once (`examples`), builds the tokenizer from `vocab
 over with `attach_tokenizer`, and lets ablation rows share already-read rows with `use_examples`.
 Subclasses say which texts an example holds (`texts_of`) and how to batch them.
 
+Which rows a module reads is the module's to say (`examples_key`): by default every constructor
+argument except those a class lists in `serving_args` (arguments that change how rows are served,
+tokenised or batched, not which rows are read). Two data configs whose modules give the same key
+share one read of the rows; an argument a new subclass adds is part of the key unless it says
+otherwise, so a module whose rows depend on it never silently reuses another's rows.
+
 `on_bad_row` ("error" or "skip") reaches every source that reads files (their `on_bad_row`
 argument, unless the source's own config sets it); skipped rows are logged and kept in
 `bad_rows` ({file: [(line, reason), ...]}), which the recipe writes into results.json.
@@ -17,17 +23,44 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from typing import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 
+from embedkit.data.batching import GroupBatchSampler
+from embedkit.data.sources import call_source
+
 log = logging.getLogger(__name__)
 BAD_ROW_POLICIES = ("error", "skip")
 
 
 class TextDataModule(pl.LightningDataModule):
+    #: Constructor arguments that do not change which rows `examples` reads (left out of
+    #: `examples_key`); a subclass extends the set with its own such arguments.
+    serving_args: frozenset[str] = frozenset({"batch_size", "cache_dir", "num_workers"})
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        # The arguments the module was built with, for `examples_key` (a copy or an unpickled
+        # module gets no arguments here: its __dict__ brings the recorded ones back).
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            self._init_args = {}
+        else:
+            bound.apply_defaults()
+            named = dict(list(bound.arguments.items())[1:])
+            for name, param in inspect.signature(cls.__init__).parameters.items():
+                if param.kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(named.pop(name, {}))
+                elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                    named[name] = list(named.get(name, ()))
+            self._init_args = named
+        return self
+
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
                  max_examples: int | None = None, on_bad_row: str = "error"):
@@ -51,6 +84,17 @@ class TextDataModule(pl.LightningDataModule):
     def texts_of(self, example: dict) -> list[str]:
         raise NotImplementedError
 
+    def examples_key(self) -> str:
+        """Which rows this module reads, as a string: equal for two modules exactly when they read
+        the same rows (the recipe then reads them once, `embedkit.recipes.train_eval.Examples`).
+
+        The class and every constructor argument not in `serving_args`; sources (Hydra's
+        `_partial_` callables) by their target and arguments. A subclass whose rows depend on
+        something else overrides it."""
+        args = {k: v for k, v in self._init_args.items() if k not in self.serving_args}
+        return json.dumps({"module": f"{type(self).__module__}.{type(self).__qualname__}",
+                           "args": plain(args)}, sort_keys=True, ensure_ascii=False, default=repr)
+
     @property
     def examples(self) -> list[dict]:
         if self._examples is None:
@@ -65,11 +109,7 @@ class TextDataModule(pl.LightningDataModule):
         return self._examples
 
     def _read(self, source: Callable[[], list[dict]]) -> list[dict]:
-        kwargs = {}
-        keywords = source.keywords if isinstance(source, functools.partial) else {}
-        if "on_bad_row" not in keywords and "on_bad_row" in inspect.signature(source).parameters:
-            kwargs["on_bad_row"] = self.on_bad_row
-        rows = source(**kwargs)
+        rows = call_source(source, self.on_bad_row)
         for path, skipped in (getattr(rows, "skipped_by_path", None) or {}).items():
             if skipped:
                 self.bad_rows.setdefault(path, []).extend(skipped)
@@ -92,8 +132,6 @@ class TextDataModule(pl.LightningDataModule):
     def group_batch_sampler(self, lengths: np.ndarray, group_by_length: bool):
         """Fixed-size, seeded, epoch-aware batches; under DDP each rank takes its slice of a global batch."""
         import torch
-
-        from embedkit.data.contrastive import GroupBatchSampler
 
         num_replicas, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -123,3 +161,24 @@ class TextDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         # Restored before train_dataloader() is built; the sampler picks it up there.
         self._resume = dict(state_dict) if state_dict else None
+
+
+def plain(value):
+    """`value` as JSON-able data, for keys: configs as containers, a `functools.partial` (a
+    configured source) as its target and arguments, a function as its qualified name."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, functools.partial):
+        return {"_target_": plain(value.func), "args": plain(list(value.args)),
+                "kwargs": plain(dict(value.keywords))}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "examples_key") and not isinstance(value, type):   # a task's data module
+        return json.loads(value.examples_key())
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return value

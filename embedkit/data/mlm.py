@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from embedkit.data.base import TextDataModule
-from embedkit.data.contrastive import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
+from embedkit.data.batching import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
 
 log = logging.getLogger(__name__)
 
@@ -225,19 +225,19 @@ class MLMDataModule(TextDataModule):
     """Serves RetroMAE batches of single texts; sources return `{"text": ...}` rows.
 
     The mask ratios are the data's (`data.encoder_mask_ratio`, `data.decoder_mask_ratio`): only the
-    collator applies them, the RetroMAE loss never reads them. `query_instruction` is not
-    used for training (plain text has no queries); it is kept because the evaluation config reads
-    `${data.query_instruction}` to score a model with the instruction it was trained with: none.
+    collator applies them, the RetroMAE loss never reads them. Plain text has no queries, so no
+    query instruction.
     """
+
+    serving_args = TextDataModule.serving_args | {
+        "max_len", "encoder_mask_ratio", "decoder_mask_ratio", "group_by_length"}
 
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5,
                  group_by_length: bool = True, seed: int = 0, cache_dir: str | None = None,
-                 num_workers: int = 0, max_examples: int | None = None,
-                 query_instruction: str | None = None, on_bad_row: str = "error"):
+                 num_workers: int = 0, max_examples: int | None = None, on_bad_row: str = "error"):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
-        self.query_instruction = query_instruction
         if max_len < 3:
             raise ValueError(f"max_len must leave room for a token between the specials, got {max_len}")
         self.max_len = max_len

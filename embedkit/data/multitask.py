@@ -9,13 +9,13 @@ holds one batch of *one* task, `{task: batch}`; the order of all tasks' batches 
 shuffle per epoch, so an epoch still covers every task's data once.
 
 Each task is an ordinary data module (ContrastiveDataModule, StsDataModule) with its own batch
-size: Conan's STS batch is larger than its per-GPU retrieval batch (32 vs 4). `query_instruction`
-is accepted for the eval config (it reads `${data.query_instruction}`) and not applied here; the
-tasks apply their own.
+size: Conan's STS batch is larger than its per-GPU retrieval batch (32 vs 4). Each task applies
+its own query instruction (the contrastive task: `query_instruction`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import numpy as np
@@ -53,7 +53,7 @@ class SequentialTasks:
 
 class MultiTaskDataModule(pl.LightningDataModule):
     def __init__(self, tasks: Mapping[str, pl.LightningDataModule], mode: str = "cbb", seed: int = 0,
-                 max_examples: int | None = None, query_instruction: str | None = None):
+                 max_examples: int | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -62,11 +62,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.tasks = dict(tasks)
         self.mode = mode
         self.seed = seed
-        self.query_instruction = query_instruction
+        self.max_examples = max_examples
         if max_examples:
             for dm in self.tasks.values():   # a run-wide cap (debug=smoke) caps every task
                 dm.max_examples = min(dm.max_examples or max_examples, max_examples)
         self.tokenizer = None
+
+    def examples_key(self) -> str:
+        """Which rows the tasks read: each task's own key, and the run-wide cap applied to them
+        (`mode` and `seed` only order the tasks' batches)."""
+        return json.dumps({"module": f"{type(self).__module__}.{type(self).__qualname__}",
+                           "tasks": {name: json.loads(dm.examples_key()) for name, dm in self.tasks.items()},
+                           "max_examples": self.max_examples}, sort_keys=True, ensure_ascii=False)
 
     @property
     def examples(self) -> dict[str, list[dict]]:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from embedkit.data.base import TextDataModule
-from embedkit.data.contrastive import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
+from embedkit.data.batching import GroupBatchSampler, TokenTable, pad_rows, tokenize_table
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +68,22 @@ class StsDataModule(TextDataModule):
     """Reads the configured STS sources, tokenises once, serves batches of scored pairs.
 
     `sources` are callables returning {"sentence1", "sentence2", "score"} rows (Hydra builds them
-    from `conf/data/sts_pairs.yaml`). `query_instruction` is not applied: STS pairs are symmetric and
-    BGE's rule gives them no instruction. The key exists because the eval config reads
-    `${data.query_instruction}` for retrieval queries.
+    from `conf/data/sts_pairs.yaml`). No query instruction: STS pairs are symmetric and BGE's rule
+    gives them none.
     """
+
+    serving_args = TextDataModule.serving_args | {"max_len", "group_by_length"}
 
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, group_by_length: bool = False, seed: int = 0,
                  cache_dir: str | None = None, num_workers: int = 0,
-                 max_examples: int | None = None, query_instruction: str | None = None,
-                 on_bad_row: str = "error"):
+                 max_examples: int | None = None, on_bad_row: str = "error"):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if batch_size < 2:
             raise ValueError(f"CoSENT ranks pairs against each other; batch_size must be >= 2, got {batch_size}")
-        if query_instruction:
-            log.warning("data.query_instruction is not applied to STS training pairs; it only "
-                        "reaches the evaluation of retrieval queries")
         self.max_len = max_len
         self.group_by_length = group_by_length
-        self.query_instruction = query_instruction
         self.dataset: PairDataset | None = None
 
     def texts_of(self, example: dict) -> list[str]:

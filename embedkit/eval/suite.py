@@ -67,23 +67,42 @@ class _Suite:
 
 
 class MiniCMTEB(_Suite):
+    """The suite's tasks are folders: `task_dirs` names folders of the bundle's `eval/` (the config
+    lists the 12 of the mini C-MTEB; None here means every folder there), `extra_task_dirs` adds
+    folders anywhere else (a user's own tasks, same layout). Unlisted folders are never read, so a
+    folder added to the bundle changes no average. `tasks` selects among them by folder name."""
+
     name = "mini_cmteb"
 
     def __init__(self, data_dir: str, tasks: Sequence[str] | None = None,
-                 max_rows: int | None = None, seed: int = 0, **kwargs):
+                 max_rows: int | None = None, seed: int = 0,
+                 task_dirs: Sequence[str] | None = None, extra_task_dirs: Sequence[str] = (),
+                 **kwargs):
         super().__init__(**kwargs)
         self.data_dir = data_dir
         self.task_names = None if tasks is None else list(tasks)   # [] selects nothing: an error
         self.max_rows = max_rows
         self.seed = seed
+        self.task_dirs = None if task_dirs is None else list(task_dirs)
+        self.extra_task_dirs = list(extra_task_dirs or ())
+
+    def task_folders(self) -> list[Path]:
+        """The suite's task folders, bundled ones first, in the configured order."""
+        from embedkit.data.paths import require_data_dir
+
+        folders: list[Path] = []
+        if self.task_dirs is None or self.task_dirs:
+            eval_dir = require_data_dir(self.data_dir, needs="eval") / "eval"
+            names = (sorted(p.name for p in eval_dir.iterdir() if p.is_dir())
+                     if self.task_dirs is None else self.task_dirs)
+            folders += [eval_dir / str(name) for name in names]
+        return folders + [Path(str(d)).expanduser() for d in self.extra_task_dirs]
 
     def _load_tasks(self):
-        from embedkit.data.paths import require_data_dir
-        from embedkit.eval.tasks import load_local_tasks
+        from embedkit.eval.tasks import load_task_dirs
 
-        eval_dir = require_data_dir(self.data_dir, needs="eval") / "eval"
-        return load_local_tasks(eval_dir, names=self.task_names, max_rows=self.max_rows,
-                                seed=self.seed)
+        return load_task_dirs(self.task_folders(), names=self.task_names, max_rows=self.max_rows,
+                              seed=self.seed, where=f"{self.data_dir}/eval (eval.task_dirs, eval.extra_task_dirs)")
 
 
 class OfficialCMTEB(_Suite):

@@ -409,16 +409,39 @@ def load_local_tasks(
     eval_dir = Path(eval_dir)
     if not eval_dir.is_dir():
         raise TaskDataError(f"{eval_dir}: evaluation folder not found")
-    available = sorted(p.name for p in eval_dir.iterdir() if p.is_dir())
+    folders = sorted((p for p in eval_dir.iterdir() if p.is_dir()), key=lambda p: p.name)
+    return load_task_dirs(folders, names=names, max_rows=max_rows, seed=seed, where=str(eval_dir))
+
+
+def load_task_dirs(
+    task_dirs: Sequence[str | Path],
+    names: Iterable[str] | None = None,
+    max_rows: int | None = None,
+    seed: int = 0,
+    where: str = "eval",
+) -> list[AbsTask]:
+    """The tasks of exactly these folders, in this order (or the named ones among them, by folder
+    name), as mteb tasks with their data already read (see `load_local_tasks`). Only the selected
+    folders are read; one that is missing is an error. `where` prefixes the error messages."""
+    by_name: dict[str, Path] = {}
+    for folder in map(Path, task_dirs):
+        if folder.name in by_name:
+            raise TaskDataError(f"{where}: two task folders are named {folder.name!r} ({by_name[folder.name]} "
+                                f"and {folder}); task names must be unique")
+        by_name[folder.name] = folder
+    available = list(by_name)
     if names is None:
         selected = available
     else:
         selected = list(names)
         if not selected:
             # An empty list is a selection of nothing, not "all" (that is None): say so.
-            raise TaskDataError(f"{eval_dir}: no tasks selected (an empty list); name some of "
+            raise TaskDataError(f"{where}: no tasks selected (an empty list); name some of "
                                 f"{available}, or give null for every task")
-        unknown = [name for name in selected if name not in available]
+        unknown = [name for name in selected if name not in by_name]
         if unknown:
-            raise TaskDataError(f"{eval_dir}: no task folder(s) {unknown}; found {available}")
-    return [build_task(eval_dir / name, max_rows=max_rows, seed=seed) for name in selected]
+            raise TaskDataError(f"{where}: no task folder(s) {unknown}; found {available}")
+    missing = [str(by_name[name]) for name in selected if not by_name[name].is_dir()]
+    if missing:
+        raise TaskDataError(f"{where}: task folder(s) not found: {missing}")
+    return [build_task(by_name[name], max_rows=max_rows, seed=seed) for name in selected]

@@ -67,6 +67,9 @@ def _encoder(rows, model_path, seed):
 
 
 class MinedContrastiveDataModule(ContrastiveDataModule):
+    # The miner embeds instructed queries: the instruction changes the mined rows.
+    serving_args = ContrastiveDataModule.serving_args - {"query_instruction"}
+
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], mining: Mapping | None = None,
                  **kwargs):
         super().__init__(sources, **kwargs)

@@ -221,7 +221,7 @@ class DynamicHardNegatives(pl.Callback):
         negatives; one no-grad forward of a batch."""
         if not self.rescore or self.encoder is None:
             return 0
-        from embedkit.data.contrastive import pad_rows
+        from embedkit.data.batching import pad_rows
 
         ds = self.dataset
         eligible = np.flatnonzero(~np.isnan(self.initial) & (self.seen_at < step))

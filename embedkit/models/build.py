@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from embedkit.models.encoder import ENCODER_CONFIG, PROJECTION_WEIGHTS, TextEncoder
 
@@ -36,19 +36,21 @@ def trust_remote_code_flag(value) -> bool:
 
 def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: int = 1,
                          max_size: int | None = None, cache_dir: str | Path | None = None,
-                         corpora: Sequence[str] = ("people_daily", "zh_mini_train"),
-                         data_dir: str | Path | None = None, on_bad_row: str = "error"):
+                         corpora: Sequence[Callable[[], list[str]]] = (), on_bad_row: str = "error"):
     """Build (or reuse from `cache_dir`) a character vocabulary, saved into `out_dir`.
 
-    The vocabulary covers the run's training `texts` plus fixed `corpora`, so that every stage of a
-    multi-stage recipe (RetroMAE on People's Daily, then fine-tuning on zh-mini) shares one id
-    space. It is keyed by a hash of all the text and settings, so a sweep builds it once.
-    `on_bad_row` is the run's data policy: the corpora re-read training files, and a row the data
-    skips must not stop the vocabulary.
+    The vocabulary covers the run's training `texts` plus the texts of `corpora`, configured
+    sources that return texts when called (conf/model/tiny_zh.yaml: People's Daily paragraphs and
+    the zh-mini training files), so that every stage of a multi-stage recipe (RetroMAE on People's
+    Daily, then fine-tuning on zh-mini) shares one id space. It is keyed by a hash of all the text
+    and settings, so a sweep builds it once. `on_bad_row` is the run's data policy, handed to every
+    corpus that reads files (unless its config sets its own): a row the data skips must not stop
+    the vocabulary.
     """
+    from embedkit.data.sources import call_source
     from embedkit.models.vocab import build_char_vocab, load_tokenizer, read_vocab_txt, save_tokenizer
 
-    all_texts = list(texts) + [t for name in corpora for t in _corpus(name, data_dir, on_bad_row)]
+    all_texts = list(texts) + [t for corpus in corpora for t in call_source(corpus, on_bad_row)]
     digest = hashlib.sha1()
     for t in all_texts:
         digest.update(t.encode("utf-8"))
@@ -65,37 +67,6 @@ def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: in
     save_tokenizer(vocab, out_dir)
     log.info("character vocabulary: %d entries (key %s), saved to %s", len(vocab), key, out_dir)
     return load_tokenizer(out_dir)
-
-
-def _corpus(name: str, data_dir: str | Path | None, on_bad_row: str = "error") -> list[str]:
-    if name == "people_daily":
-        from embedkit.data.weak_pairs import people_daily_paragraphs
-
-        return people_daily_paragraphs()
-    if name == "zh_mini_train":
-        from embedkit.data.paths import DEFAULT_DATA_DIR, require_data_dir
-        from embedkit.data.readers import read_retrieval_jsonl, read_sts_jsonl
-
-        root = require_data_dir(data_dir or DEFAULT_DATA_DIR)
-        texts = []
-        for f in ("nli_triplets", "stsb_hardneg", "cmrc_pairs"):
-            rows = read_retrieval_jsonl(root / "train" / f"{f}.jsonl", on_bad_row=on_bad_row)
-            _log_skipped(rows)
-            for r in rows:
-                texts += [r["query"], *r["pos"], *r["neg"]]
-        rows = read_sts_jsonl(root / "train" / "stsb_pairs.jsonl", on_bad_row=on_bad_row)
-        _log_skipped(rows)
-        for r in rows:
-            texts += [r["sentence1"], r["sentence2"]]
-        return texts
-    raise ValueError(f"unknown vocabulary corpus {name!r}; known: people_daily, zh_mini_train")
-
-
-def _log_skipped(rows) -> None:
-    if rows.skipped:
-        line, why = rows.skipped[0]
-        log.warning("vocabulary: skipped %d bad row(s) of %s (data.on_bad_row=skip); first: line %d: %s",
-                    len(rows.skipped), rows.path, line, why)
 
 
 def pretrained_tokenizer(name_or_path: str, out_dir: str | Path | None = None,

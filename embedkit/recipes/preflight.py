@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from embedkit.recipes.signatures import check_node, target_nodes
-from embedkit.recipes.train_eval import row_config, stage_config
+from embedkit.recipes.rows import row_config, stage_config
 
 #: The parts of a stage's config that the recipe instantiates (`eval` is checked once, per run).
 STAGE_PARTS = ("data", "objective", "model", "callbacks", "trainer", "logger", "checks")

@@ -33,67 +33,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedkit import runs
-from embedkit.recipes.recovery import check_settings, claim, finished_results, variant_results
-from embedkit.redact import redact, redact_text, write_json
+from embedkit.folders import claim
+from embedkit.recipes.recovery import check_settings, finished_results, variant_results
+from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+from embedkit.redact import redact, write_json
 
 log = logging.getLogger(__name__)
 DONE = runs.DONE
 
 
 # ---------------------------------------------------------------- rows and stages
-
-def ablation_rows(cfg: DictConfig) -> list[dict]:
-    """[{label, paper_row, overrides, stages}] for this invocation."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hydra_on = HydraConfig.initialized()
-    multirun = hydra_on and HydraConfig.get().mode == RunMode.MULTIRUN
-    ablation = cfg.get("ablation") or {}
-    rows = (ablation.get("rows") or {}).get(cfg.scale.name)
-    if multirun or not rows:
-        label = (HydraConfig.get().job.override_dirname if hydra_on else "") or "run"
-        label = redact_text(label)   # it names folders and mteb revisions: no `api_key=...` in them
-        return [{"label": label, "paper_row": None, "overrides": {}, "stages": None}]
-    out = []
-    for r in rows:
-        row = OmegaConf.to_container(r, resolve=False)
-        row.setdefault("overrides", {})
-        row["stages"] = list(row.get("stages") or []) or None
-        out.append(row)
-    return out
-
-
-def row_config(cfg: DictConfig, overrides: dict) -> DictConfig:
-    row_cfg = cfg.copy()
-    with open_dict(row_cfg):
-        for key, value in overrides.items():
-            OmegaConf.update(row_cfg, key, value, merge=False)
-    return row_cfg
-
-
-def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) -> DictConfig:
-    """The row's config with one stage's objective and data swapped in (and its trainer/model tweaks)."""
-    cfg = row_cfg.copy()
-    with open_dict(cfg):
-        if stage is not None:
-            if stage not in (cfg.get("stages") or {}):
-                raise KeyError(f"row uses stage {stage!r}, but `stages` defines {list(cfg.get('stages') or {})}")
-            spec = cfg.stages[stage]
-            cap = cfg.data.get("max_examples")
-            cfg.objective = spec.objective
-            cfg.data = spec.data
-            if cap and not cfg.data.get("max_examples"):
-                cfg.data.max_examples = cap   # a cap on the run (debug=smoke) caps every stage
-            for part in ("trainer", "model"):
-                if spec.get(part) is not None:
-                    cfg[part] = OmegaConf.merge(cfg[part], spec[part])
-            if "callbacks" in spec:
-                cfg.callbacks = spec.callbacks   # a stage's own training callbacks (e.g. DHNM)
-        if init_from is not None:
-            cfg.model.init_from = init_from
-    return cfg
-
 
 RESULT_PARTS = ("objective", "data", "model", "trainer", "seed", "callbacks")
 # Settings that change how a run looks, not what it computes: a resume may change them freely.
@@ -251,21 +200,23 @@ def load_trained_stage(cfg: DictConfig, name: str, tokenizer, out_dir: Path) -> 
 # ---------------------------------------------------------------- the run
 
 class Examples:
-    """Training rows read once per distinct data source config, shared by rows and stages."""
+    """Training rows read once per distinct set of rows, shared by rows and stages.
+
+    Which rows a data config reads is its module's to say (`examples_key()`,
+    embedkit/data/base.py): configs that differ only in how rows are batched share one read."""
 
     def __init__(self):
         self._by_key: dict[str, list[dict]] = {}
         self._bad_rows: dict[str, dict] = {}
 
     def key(self, data_cfg: DictConfig) -> str:
-        # Resolve in place: the node's interpolations (${paths.data_dir}) need the whole config.
-        return json.dumps({k: OmegaConf.to_container(data_cfg, resolve=True).get(k)
-                           for k in ("sources", "tasks", "mining", "max_examples", "seed", "on_bad_row")},
-                          sort_keys=True, default=str)
+        # Building the module reads nothing (sources are partials); its interpolations
+        # (${paths.data_dir}) resolve against the whole config, in place.
+        return instantiate(data_cfg).examples_key()
 
     def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
-        key = self.key(data_cfg)
         data = instantiate(data_cfg)
+        key = data.examples_key()
         if key not in self._by_key:
             self._by_key[key] = data.examples
             self._bad_rows[key] = data.bad_rows
@@ -302,8 +253,9 @@ def run(cfg: DictConfig) -> float | None:
         for step in row["plan"]:
             data_cfg = step["cfg"].data
             policies.add(data_cfg.get("on_bad_row", "error"))
-            if examples.key(data_cfg) not in seen:
-                seen.add(examples.key(data_cfg))
+            key = examples.key(data_cfg)
+            if key not in seen:
+                seen.add(key)
                 vocab_texts += examples.get(data_cfg)[1]
     if cfg.model.get("init_from"):
         # Starting from a saved encoder: its ids are fixed, so its own tokenizer comes with it

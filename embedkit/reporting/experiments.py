@@ -40,16 +40,13 @@ from pathlib import Path
 
 from embedkit import runs
 from embedkit.config import CONFIG_DIR, REPO_ROOT
+from embedkit.reporting.findings import ExperimentConfigError, validate
 
 GROUP = "experiment"
 REPORT_KEYS = {"paper", "citation", "title", "order", "reproduce", "paper_table", "paper_table_note",
                "other_tables", "findings", "plots"}
 PLOT_KEYS = {"notebook", "pngs", "params"}
 DEFAULT_ORDER = 100
-
-
-class ExperimentConfigError(ValueError):
-    """An experiment's `report:` node does not follow the schema (see this module's docstring)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +172,6 @@ def from_config(name: str, cfg, config_file: Path) -> Experiment:
     exp.paper_table_note = report.get("paper_table_note")
     exp.other_tables = dict(report.get("other_tables") or {})
     exp.plots = [_plot(p, f"{where}.plots[{i}]") for i, p in enumerate(report.get("plots") or [])]
-    from embedkit.reporting.findings import validate
 
     exp.findings = list(report.get("findings") or [])
     for i, spec in enumerate(exp.findings):

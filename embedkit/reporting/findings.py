@@ -80,9 +80,12 @@ def _sign(x: float) -> int:
 
 # ---------------------------------------------------------------- the schema
 
+class ExperimentConfigError(ValueError):
+    """An experiment's `report:` node does not follow the schema (embedkit/reporting/experiments.py)."""
+
+
 def validate(spec, where: str) -> None:
     """Raise ValueError (ExperimentConfigError) naming `where` if `spec` is not a finding."""
-    from embedkit.reporting.experiments import ExperimentConfigError
 
     def bad(why: str):
         raise ExperimentConfigError(f"{where}: {why} (in {spec!r})")

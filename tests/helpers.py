@@ -1,0 +1,169 @@
+"""Helpers shared by the test modules (imported as `from helpers import ...`; no test module imports
+another). Fixtures live in conftest.py; numerical tolerances in _numerics.py.
+
+- `compose` / `resolve`: a conf/ config as `python run.py overrides` composes it, and its body resolved.
+- `tiny_encoder`: the 32-wide, 1-layer tiny_zh encoder the model tests build, seeded.
+- `QUERIES`, `PASSAGES`, `tokens`, `toy_encoder`, `pair_batch`, `sts_batch`: the toy batches of
+  the GradCache, DDP and trainer tests, which compare the same computation two ways, and
+  `plain_loss_and_grads` / `cached_loss_and_grads` / `assert_same_grads` to compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR", REPO.parent / "shared" / "data" / "zh-mini"))
+
+
+# ---------------------------------------------------------------- configs
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False):
+    """conf/<config_name>.yaml composed with `overrides` (Hydra's compose API, a fresh GlobalHydra).
+    With `return_hydra_config`, the `hydra` node too (its launcher, sweeper, run folders)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from embedkit.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
+
+
+def resolve(cfg, output_dir: str = "/tmp/embedkit-compose") -> dict:
+    """Everything but the `hydra` node of a config composed with `return_hydra_config=True`,
+    resolved. `${hydra:runtime.output_dir}` is only set inside a Hydra app; it gets `output_dir`."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    cfg.hydra.runtime.output_dir = output_dir
+    HydraConfig.instance().set_config(cfg)
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_container(body, resolve=True)
+
+
+# ---------------------------------------------------------------- models
+
+def tiny_encoder(tokenizer, seed: int = 0, **kwargs):
+    """A fresh tiny_zh encoder, 32 wide with 1 layer of 2 heads, after `torch.manual_seed(seed)`;
+    `kwargs` go to `tiny_zh_encoder` (pooling, dropout, max_length, projection_dim, ...)."""
+    import torch
+
+    from embedkit.models.build import tiny_zh_encoder
+
+    torch.manual_seed(seed)
+    return tiny_zh_encoder(tokenizer, **{"hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                         "intermediate_size": 64, **kwargs})
+
+
+# ---------------------------------------------------------------- the GradCache / DDP toy batch
+
+QUERIES = ["北京是中国的首都吗", "上海在哪里", "长江有多长", "今天天气怎么样", "熊猫吃什么", "茶叶产自哪里"]
+PASSAGES = ["北京是中华人民共和国的首都", "上海在长江口", "长江全长六千多公里", "今天晴转多云",
+            "大熊猫主要吃竹子", "中国南方多产茶叶", "黄河是中国第二长河", "故宫在北京",
+            "上海是国际大都市", "熊猫生活在四川", "天气预报说明天下雨", "绿茶和红茶都很有名"]
+
+
+def toy_encoder(tok, dropout: float = 0.0, seed: int = 0):
+    """The mean-pooled tiny encoder of the GradCache and DDP comparisons."""
+    return tiny_encoder(tok, seed, max_length=64, dropout=dropout, pooling="mean")
+
+
+def tokens(tok, texts: Sequence[str]) -> dict:
+    """`texts` tokenised and padded: {input_ids, attention_mask}."""
+    t = tok(list(texts), padding=True, return_tensors="pt")
+    return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+
+def pair_batch(tok, n_queries=6, group=2):
+    return {"query": tokens(tok, QUERIES[:n_queries]),
+            "passages": tokens(tok, PASSAGES[:n_queries * group])}
+
+
+def sts_batch(tok):
+    import torch
+
+    return {"sentence1": tokens(tok, QUERIES), "sentence2": tokens(tok, PASSAGES[:6]),
+            "labels": torch.tensor([5.0, 4.0, 1.0, 3.0, 0.0, 2.0])}
+
+
+def plain_loss_and_grads(module, batch):
+    module.zero_grad(set_to_none=True)
+    loss = module.loss_from_embeddings(module.embed(batch), batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def cached_loss_and_grads(module, batch, mini_batch):
+    import torch
+
+    from embedkit.objectives.gradcache import GradCache
+
+    module.zero_grad(set_to_none=True)
+    gc = GradCache(mini_batch=mini_batch)
+    loss, _, leaves, chunks = gc.loss_and_cache(module, batch)
+    keys = list(leaves)
+    grads = dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)))
+    gc.replay(module, batch, chunks, grads, backward=lambda s: s.backward())
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(actual, expected):
+    """Parameter gradients equal to float64 rounding, relative to the largest of them: some are
+    ~0 by cancellation (the attention key bias, by softmax invariance) and carry only noise."""
+    from _numerics import RTOL64, assert_close_scaled, scale_of
+
+    assert set(actual) == set(expected) and len(expected) > 4
+    scale = scale_of(expected)
+    for n, g in expected.items():
+        assert_close_scaled(actual[n], g, RTOL64, scale=scale, what=n)
+
+
+# ---------------------------------------------------------------- finished run folders (report tests)
+
+def scores(**kw):
+    """Every C-MTEB column at 30, except those given."""
+    from embedkit.reporting.tables import COLUMNS
+
+    base = {c: 30.0 for c in COLUMNS}
+    base.update(kw)
+    return base
+
+
+def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",), stages=None,
+              config=None, paper_rows=None, single=False):
+    """A finished run folder as embedkit/recipes/train_eval.py leaves it (table.*, rows/*/results.json,
+    .hydra/config.yaml and overrides.yaml)."""
+    import yaml
+
+    from embedkit.reporting.tables import COLUMNS, write_table
+    from embedkit.runs import safe_label
+
+    table = [{"label": label, **scores} for label, scores in rows.items()]
+    for label, scores in rows.items():
+        base = label.split(" ")[0] if stages is None else label
+        # one-row runs (mrl_dims: one model, a variant per width) keep results.json at the root
+        row_dir = folder if single else folder / "rows" / safe_label(base)
+        row_dir.mkdir(parents=True, exist_ok=True)
+        if not (row_dir / "results.json").exists():
+            (row_dir / "results.json").write_text(json.dumps({
+                "label": base, "categories": {c: scores[c] for c in COLUMNS[:-1]}, "Avg": scores["Avg"],
+                "scale": "mini", "steps": 70, "stage_steps": stages or {"train": 70}, "train_seconds": 12.5,
+                "paper_row": (paper_rows or {}).get(label)}))
+    write_table(table, folder, first="row")
+    (folder / ".hydra").mkdir(exist_ok=True)
+    cfg = {"scale": {"name": "mini"},
+           "model": {"name": "tiny_zh", "encoder": {"hidden_size": 128, "num_layers": 2, "pooling": "mean"}},
+           "trainer": {"max_steps": -1}, "eval": {"_target_": "embedkit.eval.suite.MiniCMTEB", "max_rows": None},
+           "data": {"sources": [{"_target_": "embedkit.data.sources.people_daily_pairs"}],
+                    "batch_size": 32, "max_examples": None}}
+    cfg.update(config or {})
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    return folder
