@@ -353,7 +353,7 @@ def test_a_folder_given_by_hand_is_refused_while_a_live_run_writes_it(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from embedkit.recipes.recovery import claim
+        from embedkit.folders import claim
         claim(Path({str(folder)!r}))
         print("claimed", flush=True)
         time.sleep(60)
@@ -361,8 +361,8 @@ def test_a_folder_given_by_hand_is_refused_while_a_live_run_writes_it(tmp_path):
     try:
         assert writer.stdout.readline().strip() == "claimed"
         with pytest.raises(FolderInUse, match="two runs must not share a folder"):
-            recovery.claim(folder)
+            run_folders.claim(folder)
     finally:
         writer.kill()
         writer.wait()
-    recovery.claim(folder)   # the writer is gone: its lock is stale
+    run_folders.claim(folder)   # the writer is gone: its lock is stale
