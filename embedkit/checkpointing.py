@@ -35,6 +35,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from embedkit.atomic_files import write_atomic
+
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
@@ -43,24 +45,7 @@ _STEP = re.compile(r"step=(\d+)")
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to `path` so that a crash at any point leaves either the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # The rename itself must reach the disk too, or a power cut could lose it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
