@@ -230,6 +230,13 @@ class Examples:
 
 
 def run(cfg: DictConfig) -> float | None:
+    if cfg.get("plan"):
+        # `plan=true`: print the rows and stages this run would train, and stop. Before the folder
+        # claim, preflight and any data read (embedkit/recipes/plan.py).
+        from embedkit.recipes.plan import print_plan
+
+        print_plan(cfg)
+        return None
     from embedkit.recipes.preflight import preflight
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
 
