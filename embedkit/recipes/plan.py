@@ -15,6 +15,7 @@ The run folder gets only what Hydra itself writes there (`.hydra/`, the job log)
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,6 @@ def short(target: Any) -> str:
 def fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "on", False: "off", None: "-"}[value]
-    if isinstance(value, int):
-        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, str):
@@ -65,6 +64,13 @@ def fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(fmt(v) for v in value) + "]"
     return str(value)
+
+
+def lit(value: Any) -> str:
+    """A config value as one writes it in an override: null, true, 2400, [16, 32]."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return fmt(value)
 
 
 def instruction_text(value: Any) -> str:
@@ -95,19 +101,19 @@ def sources_of(data: Any) -> list[str]:
         args = {k: get(node, k) for k in src if k not in ("_target_", "_partial_")}
         where, check = None, ""
         if args.get("file") is not None and args.get("data_dir") is not None:
-            where = str(Path(str(args.pop("data_dir"))) / str(args.pop("file")))
+            where = os.path.normpath(Path(str(args.pop("data_dir"))) / str(args.pop("file")))
             check = "exists" if Path(where).exists() else "MISSING"
         elif args.get("pattern") is not None:
-            where = str(args.pop("pattern"))
+            where = os.path.normpath(str(args.pop("pattern")))
             if where.startswith("???"):
                 check = "not set"
             else:
                 n = len(glob.glob(where))
                 check = f"{n:,} file{'s' * (n != 1)}" if n else "MISSING (no file matches)"
         elif args.get("path") is not None:
-            where = str(args.pop("path"))
+            where = os.path.normpath(str(args.pop("path")))
             check = "exists" if Path(where).exists() else "MISSING"
-        extra = ", ".join(f"{k}={fmt(v)}" for k, v in args.items() if k not in ("seed", "on_bad_row"))
+        extra = ", ".join(f"{k}={lit(v)}" for k, v in args.items() if k not in ("seed", "on_bad_row"))
         text = short(src.get("_target_"))
         if where:
             text += f" {where} [{check}]"
@@ -193,7 +199,8 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
                                                         for k, v in lengths.items())))
     if get(data, "query_instruction", _UNSET) is not _UNSET or get(data, "train_group_size") is not None:
         lines.append((prefix + "instruction (train)", instruction_text(get(data, "query_instruction"))))
-    lines.append((prefix + "data", short(get(data, "_target_"))))
+    cap = get(data, "max_examples")
+    lines.append((prefix + "data", short(get(data, "_target_")) + (f", first {cap:,} examples" if cap else "")))
     lines += [(prefix + "source", s) for s in sources_of(data)]
     return lines
 
@@ -262,7 +269,7 @@ def plan_text(cfg: DictConfig) -> str:
             head += f"  (paper row: {row['paper_row']})"
         out.append(head)
         if row.get("overrides"):
-            out.append("   overrides: " + ", ".join(f"{k}={fmt(v)}" for k, v in row["overrides"].items()))
+            out.append("   overrides: " + ", ".join(f"{k}={lit(v)}" for k, v in row["overrides"].items()))
         if row.get("stages"):
             out.append("   stages: " + " -> ".join(row["stages"]))
         previous = None
