@@ -70,6 +70,8 @@ def lit(value: Any) -> str:
     """A config value as one writes it in an override: null, true, 2400, [16, 32]."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {lit(v)}" for k, v in value.items()) + "}"
     return fmt(value)
 
 
