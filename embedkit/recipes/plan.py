@@ -1,7 +1,7 @@
 """`python run.py +experiment=NAME [scale=paper] plan=true`: what a run would train, before it trains.
 
-The plan composes the rows and stages exactly as the recipe does (`ablation_rows`, `plan_row`, hence
-`row_config` / `stage_config`, embedkit/recipes/train_eval.py and rows.py) and prints, per row and
+The recipe (embedkit/recipes/train_eval.py `run`) composes the rows and stages exactly as for a run
+(`ablation_rows`, `plan_row`, hence `row_config` / `stage_config`) and hands them here; this prints, per row and
 then per stage, the resolved settings that decide its result: model and initialisation, data
 sources, per-device batch x devices x nodes = global batch, negatives per query, temperature (or
 CoSENT's scale), lr / schedule / warm-up, steps or epochs, max lengths, precision, GradCache, the
@@ -255,17 +255,13 @@ def stage_lines(cfg: DictConfig, init_text: str, final: bool) -> list[tuple[str,
 
 # ---------------------------------------------------------------- the plan
 
-def plan_text(cfg: DictConfig) -> str:
-    from embedkit.recipes.rows import ablation_rows
-    from embedkit.recipes.train_eval import plan_row
-
-    out_dir = Path(str(cfg.paths.output_dir))
-    rows = ablation_rows(cfg)
+def plan_text(cfg: DictConfig, rows: list[dict], out_dir: Path) -> str:
+    """`rows` as the recipe plans them (`ablation_rows`, each with its `dir` and `plan`, from
+    `plan_row` in embedkit/recipes/train_eval.py)."""
     out = [f"Plan: {cfg.experiment_name} at scale={cfg.scale.name}, {len(rows)} row{'s' * (len(rows) != 1)} "
            f"(nothing trained, no data read; sources only checked for existence)"]
     for row in rows:
-        row_dir = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
-        plan = plan_row(cfg, row, row_dir, out_dir)
+        plan = row["plan"]
         head = f"\n== row {row['label']}"
         if row.get("paper_row"):
             head += f"  (paper row: {row['paper_row']})"
@@ -302,5 +298,5 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
-def print_plan(cfg: DictConfig) -> None:
-    print(plan_text(cfg), flush=True)
+def print_plan(cfg: DictConfig, rows: list[dict], out_dir: Path) -> None:
+    print(plan_text(cfg, rows, out_dir), flush=True)

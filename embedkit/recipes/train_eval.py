@@ -231,11 +231,15 @@ class Examples:
 
 def run(cfg: DictConfig) -> float | None:
     if cfg.get("plan"):
-        # `plan=true`: print the rows and stages this run would train, and stop. Before the folder
-        # claim, preflight and any data read (embedkit/recipes/plan.py).
+        # `plan=true`: print the rows and stages this run would train, as below, and stop. Before
+        # the folder claim, preflight and any data read (embedkit/recipes/plan.py).
         from embedkit.recipes.plan import print_plan
 
-        print_plan(cfg)
+        out_dir, rows = Path(cfg.paths.output_dir), ablation_rows(cfg)
+        for row in rows:
+            row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
+            row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
+        print_plan(cfg, rows, out_dir)
         return None
     from embedkit.recipes.preflight import preflight
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
