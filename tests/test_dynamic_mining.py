@@ -96,18 +96,22 @@ def test_a_ranking_too_short_for_the_next_window_is_counted_not_applied(tokenize
     assert _texts(dm, dm.dataset.neg[3]) == ["旧负例3甲", "旧负例3乙"]
 
 
+def _fit(module, dm, cb, max_steps: int) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+
+
 def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch(tokenizer):
     torch.manual_seed(0)
     dm = _data(tokenizer)
     encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     module = InfoNCE(encoder, lr=1e-3, warmup_ratio=0.0)
     cb = DynamicHardNegatives(check_every=2, rescore=2, max_abs=0.0)   # |s| < 0 never holds
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[cb])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm)
+    _fit(module, dm, cb, max_steps=6)
     summary = cb.summary()
     assert len(summary["curve"]) == 6 and [c["step"] for c in summary["checks"]] == [2, 4, 6]
     assert all(c["rescored"] <= 2 for c in summary["checks"]) and summary["checks"][0]["rescored"] == 2
@@ -155,12 +159,7 @@ def test_gradcache_steps_are_tracked_as_the_plain_steps_are(tokenizer):
                                   intermediate_size=64, dropout=0.0)
         module = InfoNCE(encoder, lr=1e-3, warmup_ratio=0.0, grad_cache=grad_cache)
         cb = DynamicHardNegatives(check_every=2, rescore=0, max_abs=0.0)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, max_epochs=3, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[cb])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(module, datamodule=dm)
+        _fit(module, dm, cb, max_steps=3)
         runs[grad_cache is not None] = cb
     plain, cached = runs[False], runs[True]
     assert len(cached.curve) == len(plain.curve) == 3

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from embedkit import runs
-from embedkit.runs import ERROR, JOB_CLAIM, LOCK, SETTINGS, inside  # noqa: F401  (names of the run layout)
+from embedkit.runs import ERROR, inside  # noqa: F401  (inside: joined names stay in the run folder)
 
 log = logging.getLogger(__name__)
 

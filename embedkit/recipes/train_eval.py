@@ -79,6 +79,14 @@ def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path) -> list[d
     return plan
 
 
+def planned(cfg: DictConfig, rows: list[dict], out_dir: Path) -> list[dict]:
+    """`rows`, each given its folder (`dir`) and its chain of stages (`plan`, see `plan_row`)."""
+    for row in rows:
+        row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
+        row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
+    return rows
+
+
 def row_settings(plan: list[dict]) -> dict:
     """Every resolved setting that decides the row's results, flattened ('general/objective.lr')."""
     from embedkit.recipes.recovery import flat
@@ -235,11 +243,8 @@ def run(cfg: DictConfig) -> float | None:
         # the folder claim, preflight and any data read (embedkit/recipes/plan.py).
         from embedkit.recipes.plan import print_plan
 
-        out_dir, rows = Path(cfg.paths.output_dir), ablation_rows(cfg)
-        for row in rows:
-            row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
-            row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
-        print_plan(cfg, rows, out_dir)
+        out_dir = Path(cfg.paths.output_dir)
+        print_plan(cfg, planned(cfg, ablation_rows(cfg), out_dir), out_dir)
         return None
     from embedkit.recipes.preflight import preflight
     from embedkit.reporting.tables import row_from_results, side_by_side, write_table
@@ -251,10 +256,8 @@ def run(cfg: DictConfig) -> float | None:
     preflight(cfg, rows, suite)   # config types, widths, folders, eval data: before any data is read
     examples = Examples()
 
-    # Each row's folder and plan; a resumed row must have been run with these very settings.
-    for row in rows:
-        row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
-        row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
+    # A resumed row must have been run with these very settings.
+    for row in planned(cfg, rows, out_dir):
         check_settings(row["dir"], row_settings(row["plan"]), f"row {row['label']!r}")
 
     # One tokenizer for every stage of every row: read all their data first.
@@ -330,8 +333,8 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         else:
             stage_examples, _ = examples.get(stage_cfg.data)
             stage = train_stage(stage_cfg, name, tokenizer, stage_examples, stage_dir)
-            train_seconds += stage["seconds"]
             if not p["final"]:
+                train_seconds += stage["seconds"]   # the final stage's time is in its record
                 finish_logger(stage["logger"])
                 _drop_checkpoints(cfg, stage_dir)   # model/.done now stands for the stage
         steps[p["stage"] or "train"] = int(stage["record"]["steps"])
@@ -356,7 +359,8 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "label": row["label"], "variant": variant, "paper_row": row.get("paper_row"),
             "overrides": row["overrides"], "stages": chain if chain != [None] else None,
             "scale": cfg.scale.name, "steps": steps.get(chain[-1] or "train"), "stage_steps": steps,
-            "train_seconds": round(train_seconds or record.get("train_seconds", 0.0), 1),
+            # stages this row trained in this attempt, plus its final stage (trained now or earlier)
+            "train_seconds": round(train_seconds + record.get("train_seconds", 0.0), 1),
             "eval_seconds": round(time.perf_counter() - start, 1),
             "final_train_loss": record.get("final_train_loss"),
             "training": training,   # per stage: batches, optimizer steps, skipped, zero-loss batches
