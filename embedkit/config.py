@@ -57,6 +57,25 @@ def register_resolvers() -> None:
             return [width // int(d) for d in divisors]
 
         OmegaConf.register_new_resolver("embedkit_widths", widths)
+    # `${by_scale:{mini: 3e-4, paper: 1e-5}}`: the value for the run's scale (`scale.name`,
+    # conf/scale/). Experiments write every per-scale setting this way, both values side by side, so
+    # `scale=paper` never inherits a mini value and a command-line override still wins.
+    if not OmegaConf.has_resolver("by_scale"):
+        def by_scale(values, *, _root_):
+            from omegaconf import DictConfig, ListConfig
+
+            name = OmegaConf.select(_root_, "scale.name")
+            if not isinstance(values, (dict, DictConfig)):
+                raise ValueError(f"by_scale takes {{scale: value, ...}}, got {values!r}")
+            if name not in values:
+                raise ValueError(f"by_scale: no value for scale {name!r} (has {sorted(values)}); "
+                                 f"add `{name}: ...` to the setting")
+            value = values[name]
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+            return value
+
+        OmegaConf.register_new_resolver("by_scale", by_scale)
     # `${embedkit_git_commit:}`: the checkout's commit ("unknown" outside git), for W&B tags.
     if not OmegaConf.has_resolver("embedkit_git_commit"):
         def commit():

@@ -280,3 +280,38 @@ def test_real_sts_file_loads_cleanly():
     assert rows.skipped == []
     assert min(r["score"] for r in rows) == 0.0
     assert max(r["score"] for r in rows) == 5.0
+
+
+def test_pretraining_text_files_read_a_field_and_name_a_bad_line(tmp_path):
+    # The paper-scale RetroMAE corpus (WuDaoCorpora documents keep their text in `content`).
+    from embedkit.data.corpus import text_files
+
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"title": "t", "content": "人民日报社论：新年献词，一九九八年的第一天"}, ensure_ascii=False) + "\n"
+        + json.dumps({"content": "短"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"content": "人民日报社论：新年献词，一九九八年的第一天"}, ensure_ascii=False) + "\n"
+        + json.dumps({"content": "第二篇文档的正文，足够长以便保留下来用于预训练"}, ensure_ascii=False) + "\n",
+        encoding="utf-8")
+    rows = text_files(str(tmp_path / "*.jsonl"), field="content", min_chars=5)
+    # the short text and the repeated one are dropped, as for People's Daily
+    assert [r["text"] for r in rows] == ["人民日报社论：新年献词，一九九八年的第一天", "第二篇文档的正文，足够长以便保留下来用于预训练"]
+    (tmp_path / "c.jsonl").write_text('{"content": "好的一行文字内容"}\n{"text": "no content key"}\n', encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"c\.jsonl:2: missing key 'content'"):
+        text_files(str(tmp_path / "*.jsonl"), field="content")
+    assert len(text_files(str(tmp_path / "*.jsonl"), field="content", min_chars=5, on_bad_row="skip")) == 3
+    with pytest.raises(FileNotFoundError, match="EMBEDKIT_PAPER_DATA_DIR"):
+        text_files(str(tmp_path / "none" / "*.jsonl"))
+
+
+def test_sts_files_read_every_match_and_name_a_bad_line(tmp_path):
+    from embedkit.data.sts import sts_files
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"sentence1": "一", "sentence2": "二", "score": 3}) + "\n",
+                                      encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"sentence1": "三", "sentence2": "四", "score": 1.5}) + "\n"
+                                      + json.dumps({"sentence1": "五", "sentence2": "六"}) + "\n", encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"b\.jsonl:2: missing key 'score'"):
+        sts_files(str(tmp_path / "*.jsonl"))
+    rows = sts_files(str(tmp_path / "*.jsonl"), on_bad_row="skip")
+    assert [r["score"] for r in rows] == [3.0, 1.5]

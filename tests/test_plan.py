@@ -56,7 +56,8 @@ def test_plan_batch_and_negatives_at_paper_scale(compose_run, capsys):
     assert "19,199 = 0 hard + 2,399 in-batch + 16,800 cross-device" in out
     assert "GradCache:           on: mini-batch 128" in out
     assert "precision:           16-mixed" in out
-    assert "lr 2e-05" in out and "temperature:         0.02" in out
+    # C-Pack's tables are bge-large v1: lr 1e-5, τ 0.01 (experiments/bge/fidelity.yaml)
+    assert "lr 1e-05" in out and "temperature:         0.01" in out
 
 
 def test_plan_hard_negatives_instructions_and_weights(compose_run, capsys):

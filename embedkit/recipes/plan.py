@@ -190,6 +190,9 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
         lines.append((prefix + "negatives/query", "none: masked auto-encoding"))
         lines.append((prefix + "mask ratios", f"encoder {fmt(get(data, 'encoder_mask_ratio'))}, "
                                               f"decoder {fmt(get(data, 'decoder_mask_ratio'))}"))
+        head = get(obj, "mlm_head_init")
+        lines.append((prefix + "decoder", f"query stream {get(obj, 'query_stream', '-')}, MLM head "
+                                          + (f"from {head}" if head else "fresh")))
     if target == "M3":
         lines.append((prefix + "M3 heads", f"{fmt(get(obj, 'heads'))}, self-distillation "
                       f"{fmt(bool(get(obj, 'self_distill', False)))}"))
@@ -220,6 +223,8 @@ def model_line(model: Any) -> str:
              f"max_length {get(enc, 'max_length', '-')}"]
     if get(enc, "projection_dim"):
         extra.append(f"projection to {get(enc, 'projection_dim')}")
+    if get(enc, "gradient_checkpointing"):
+        extra.append("gradient checkpointing on")
     return f"{what}; " + ", ".join(extra)
 
 
