@@ -286,6 +286,8 @@ def deciding_keys(stage: Stage) -> list[str]:
     keys = [k for k in DECIDING if value(stage, k) is not _MISSING]
     if "objective.temperature" in keys:
         keys.append("negatives_per_query")
+    if get(stage.cfg, "data.tasks"):
+        keys += ["trainer.devices", "trainer.num_nodes"]   # the global batch of each task
     for task in (get(stage.cfg, "data.tasks", {}) or {}):
         keys += [f"data.tasks.{task}.{k}" for k in PER_TASK
                  if value(stage, f"data.tasks.{task}.{k}") is not _MISSING]
