@@ -84,6 +84,42 @@ def test_m3_conan_and_mrl_findings_use_the_stated_direction(tmp_path, declared):
     assert [(f.ours, f.verdict) for f in found] == [(0.5, "yes"), (1.0, "yes"), (-0.5, "no")]
 
 
+def test_paper_cells_against_a_toy_table(tmp_path):
+    """`paper: {cells: ...}` takes any two cells, whatever our column; an empty cell leaves the finding
+    out; a margin with `paper: table` takes the margin of its findings' paper deltas."""
+    from embedkit.reporting.findings import evaluate
+
+    table = tmp_path / "toy.csv"
+    table.write_text("model,X,Y,source\nA,10.0,3.5,text\nB,12.0,,why Y is empty\n")
+    first, paper = report.read_paper_table(table)
+    assert first == "model" and [r["label"] for r in paper] == ["A", "B"]
+    assert paper[1] == {"label": "B", "X": 12.0, "Y": None}       # the source column is no score
+    run = report.load_run(write_run(tmp_path / "run", {"a": _scores(Avg=31.0, STS=5.0), "b": _scores(Avg=30.0)}), "t")
+    specs = [
+        {"id": "x", "claim": "x", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["A", "X"], ["B", "X"]]}},
+        {"id": "xy", "claim": "xy", "source": "s", "rows": ["a", "b"], "column": "STS",
+         "paper": {"cells": [["A", "Y"], ["B", "X"]]}},
+        {"claim": "empty", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["A", "Y"], ["B", "Y"]]}},
+        {"claim": "no row", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["C", "X"], ["B", "X"]]}},
+        {"claim": "margin", "source": "s", "margin": {"of": "x", "over": ["xy"]}, "paper": "table"},
+    ]
+    found = {f.claim: f for f in evaluate(specs, run, paper)}
+    assert set(found) == {"x", "xy", "margin"}
+    # Avg: ours 31 − 30 = +1, paper X: 10 − 12 = −2 → disagree
+    assert (found["x"].ours, found["x"].paper, found["x"].verdict) == (1.0, -2.0, "no")
+    # STS: ours 5 − 30 = −25, paper A.Y − B.X = 3.5 − 12 = −8.5 → agree
+    assert (found["xy"].ours, found["xy"].paper, found["xy"].verdict) == (-25.0, -8.5, "yes")
+    # margin: ours 1 − (−25) = 26, paper −2 − (−8.5) = 6.5
+    assert (found["margin"].ours, found["margin"].paper, found["margin"].verdict) == (26.0, 6.5, "yes")
+
+
+def test_a_paper_table_with_text_in_a_score_cell_is_refused_naming_it(tmp_path):
+    table = tmp_path / "bad.csv"
+    table.write_text("model,Dense\nA,67.8\nB,n/a\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: row 'B', column 'Dense': 'n/a' is not a number"):
+        report.read_paper_table(table)
+
+
 def test_results_md_uses_the_newest_run_states_the_setup_and_embeds_pngs(tmp_path):
     logs, out = tmp_path / "logs", tmp_path / "experiments"
     (out / "bge").mkdir(parents=True)
