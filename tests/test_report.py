@@ -156,6 +156,8 @@ def test_the_recipe_prints_a_paper_table_in_its_own_columns():
     text = side_by_side("| ours |", "embedkit m3", REPO / "experiments" / "m3" / "m3_table6.csv", "BGE-M3 Table 6")
     assert "| model | Dense | Sparse | Multi-vec |" in text
     assert "| M3-w.skd | 67.80 | 53.90 | 69.00 |" in text and "| M3-w.o.skd | 67.20 | 36.70 | 67.80 |" in text
+    text = side_by_side("| ours |", "embedkit conan", REPO / "experiments" / "conan" / "conan_table3.csv", "Table 3")
+    assert "| Vanilla | – | – | – | – | – | – | – |" in text and "| Conan-Embedding | 76.67 |" in text
 
 
 def test_m3_results_md_shows_table6_and_its_deltas(tmp_path):
