@@ -79,6 +79,13 @@ def test_every_reproduced_experiment_has_its_paper_folder_tables_notebooks_and_p
         assert exp.paper_table is None or (folder / exp.paper_table).is_file(), exp.name
         assert exp.paper_table or exp.paper_table_note, f"{exp.name}: no paper table and no note why"
         assert exp.findings and exp.title and exp.citation, exp.name
+        if exp.paper_table:   # every paper cell a finding names is a number in the committed table
+            by_label = {r["label"]: r for r in report.read_paper_table(folder / exp.paper_table)[1]}
+            for spec in exp.findings:
+                paper = spec.get("paper")
+                cells = (paper.get("cells") or []) if isinstance(paper, dict) else []
+                for row, column in cells:
+                    assert by_label.get(row, {}).get(column) is not None, f"{exp.name}: no paper cell {row}/{column}"
         for plot in exp.plots:
             assert plot.path.is_file(), f"{exp.name}: no notebook {plot.path}"
             assert all((folder / png).is_file() for png in plot.pngs), f"{exp.name}: {plot.pngs} not committed"
@@ -156,6 +163,14 @@ def test_plots_say_which_runs_are_missing(tmp_path, capsys):
     ("report: {paper: toy, findings: [{claim: x, source: y, rows: neighbours, paper: table}]}",
      "compares our rows only"),
     ("report: {paper: toy, findings: [{claim: x, source: y, rows: [A, B], direction: sideways}]}", "up or down"),
+    ("report: {paper: toy, findings: [{claim: x, source: y, rows: [A, B], paper: {cells: [[R, Dense]]}}]}",
+     "{cells: [[row, column], [row, column]]}"),
+    ("report: {paper: toy, findings: [{claim: x, source: y, rows: [A, B], paper: {cells: [R, S]}}]}",
+     "{cells: [[row, column], [row, column]]}"),
+    ("report: {paper: toy, findings: [{id: a, claim: x, source: y, rows: [A, B], direction: up}, "
+     "{claim: m, source: y, margin: {of: a, over: [a]}, paper: {rows: [R, S]}}]}", "its paper side is `table`"),
+    ("report: {paper: toy, findings: [{id: a, claim: x, source: y, rows: [A, B], direction: up}, "
+     "{claim: m, source: y, margin: {of: a, over: [a]}, paper: table}]}", "'a' states only a direction"),
     ("report: {paper: toy, plots: [{pngs: [a.png]}]}", "notebook"),
 ])
 def test_a_mistyped_declaration_is_refused_naming_the_file(tmp_path, report_node, why):

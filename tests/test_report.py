@@ -61,27 +61,118 @@ def test_recipe_findings_compare_row_differences(tmp_path, declared):
     ]
 
 
-def test_m3_conan_and_mrl_findings_use_the_stated_direction(tmp_path, declared):
-    m3 = {}
-    for prefix, bump in (("self-distill", 1.0), ("no self-distill", 0.0)):
-        for mode, extra in (("", 0.0), ("sparse", 3.0), ("multivec", -0.5), ("dense+sparse", 0.2), ("all", 0.1)):
-            m3[f"{prefix} {mode}".strip()] = _scores(Retrieval=20.0 + bump + (extra if bump else 0.0))
-    found = report.findings(declared["m3_ablation_selfdistill"], report.load_run(write_run(tmp_path / "m3", m3), "m3"), [])
-    assert [f.verdict for f in found] == ["yes", "yes", "yes", "yes", "yes", "yes"]   # multivec +0.5, sparse +4 most
-    assert found[-1].ours == pytest.approx(4.0 - 1.2) and all(f.paper == "up" for f in found)
+def _m3_rows(gains: dict[str, float]) -> dict[str, dict]:
+    """Mini M3 rows: every mode's Retrieval at 20 without self-distillation, 20 + gain with it."""
+    rows = {}
+    for mode in ("", "sparse", "multivec", "dense+sparse", "all"):
+        rows[f"self-distill {mode}".strip()] = _scores(Retrieval=20.0 + gains.get(mode or "dense", 0.0))
+        rows[f"no self-distill {mode}".strip()] = _scores(Retrieval=20.0)
+    return rows
 
+
+def test_m3_findings_compare_with_table6_cells_per_mode(tmp_path, declared):
+    # hybrids gain too, but Table 6 does not ablate them: no finding may use them
+    rows = _m3_rows({"dense": 1.0, "sparse": 4.0, "multivec": -0.5, "dense+sparse": 9.0, "all": 9.0})
+    run = report.load_run(write_run(tmp_path / "m3", rows), "m3_ablation_selfdistill")
+    paper = report.read_paper_table(REPO / "experiments" / "m3" / "m3_table6.csv")[1]
+    found = report.findings(declared["m3_ablation_selfdistill"], run, paper)
+    # independent: Table 6 by hand (MIRACL nDCG@10, M3-w.skd − M3-w.o.skd): Dense 67.8 − 67.2,
+    # Sparse 53.9 − 36.7, Multi-vec 69.0 − 67.8; the margin 17.2 − max(0.6, 1.2)
+    assert [round(f.paper, 6) for f in found] == [0.6, 17.2, 1.2, 16.0]
+    assert [f.ours for f in found] == [1.0, 4.0, -0.5, 4.0 - 1.0]
+    assert [f.verdict for f in found] == ["yes", "yes", "no", "yes"]   # multi-vec: ours down, paper up
+    assert not [f.claim for f in found if "dense+sparse" in f.claim or " all" in f.claim]
+    # the same run without the paper's table: nothing to compare with, nothing reported
+    assert report.findings(declared["m3_ablation_selfdistill"], run, []) == []
+
+
+def test_m3_sparse_margin_disagrees_when_another_mode_gains_more(tmp_path, declared):
+    run = report.load_run(write_run(tmp_path / "m3", _m3_rows({"dense": 2.0, "sparse": 1.5, "multivec": 0.5})),
+                          "m3_ablation_selfdistill")
+    paper = report.read_paper_table(REPO / "experiments" / "m3" / "m3_table6.csv")[1]
+    margin = report.findings(declared["m3_ablation_selfdistill"], run, paper)[-1]
+    assert margin.claim.startswith("sparse gains the most")
+    assert margin.ours == pytest.approx(1.5 - 2.0) and margin.paper == pytest.approx(16.0)
+    assert margin.verdict == "no"
+
+
+def test_conan_and_mrl_findings_use_the_stated_direction(tmp_path, declared):
     conan = {"Baseline": _scores(), "Vanilla": _scores(Avg=30.0, Retrieval=20.0, Rerank=50.0),
              "+DHNM": _scores(Avg=30.0), "+CBB": _scores(Avg=31.0),
              "Conan dim=128": _scores(Retrieval=19.0, Rerank=51.0)}
+    # the committed Table 3 holds only the Conan-Embedding row's numbers: the findings keep the text's direction
+    paper = report.read_paper_table(REPO / "experiments" / "conan" / "conan_table3.csv")[1]
     found = report.findings(declared["conan_ablation"],
                             report.load_run(write_run(tmp_path / "conan", conan, stages={"general": 5}),
-                                            "conan_ablation"), [])
+                                            "conan_ablation"), paper)
     assert [f.verdict for f in found] == ["no (no change)", "yes", "no", "yes"]
+    assert all(f.paper == "up" for f in found)
 
     mrl = {f"dim={d}": _scores(Avg=a, Retrieval=r) for d, a, r in ((32, 30.0, 10.0), (64, 31.0, 9.0), (128, 30.5, 11.0))}
     run = write_run(tmp_path / "mrl", mrl, single=True)
     found = report.findings(declared["mrl_dims"], report.load_run(run, "mrl_dims"), [])
     assert [(f.ours, f.verdict) for f in found] == [(0.5, "yes"), (1.0, "yes"), (-0.5, "no")]
+
+
+def test_paper_cells_against_a_toy_table(tmp_path):
+    """`paper: {cells: ...}` takes any two cells, whatever our column; an empty cell leaves the finding
+    out; a margin with `paper: table` takes the margin of its findings' paper deltas."""
+    from embedkit.reporting.findings import evaluate
+
+    table = tmp_path / "toy.csv"
+    table.write_text("model,X,Y,source\nA,10.0,3.5,text\nB,12.0,,why Y is empty\n")
+    first, paper = report.read_paper_table(table)
+    assert first == "model" and [r["label"] for r in paper] == ["A", "B"]
+    assert paper[1] == {"label": "B", "X": 12.0, "Y": None}       # the source column is no score
+    run = report.load_run(write_run(tmp_path / "run", {"a": _scores(Avg=31.0, STS=5.0), "b": _scores(Avg=30.0)}), "t")
+    specs = [
+        {"id": "x", "claim": "x", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["A", "X"], ["B", "X"]]}},
+        {"id": "xy", "claim": "xy", "source": "s", "rows": ["a", "b"], "column": "STS",
+         "paper": {"cells": [["A", "Y"], ["B", "X"]]}},
+        {"claim": "empty", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["A", "Y"], ["B", "Y"]]}},
+        {"claim": "no row", "source": "s", "rows": ["a", "b"], "paper": {"cells": [["C", "X"], ["B", "X"]]}},
+        {"claim": "margin", "source": "s", "margin": {"of": "x", "over": ["xy"]}, "paper": "table"},
+    ]
+    found = {f.claim: f for f in evaluate(specs, run, paper)}
+    assert set(found) == {"x", "xy", "margin"}
+    # Avg: ours 31 − 30 = +1, paper X: 10 − 12 = −2 → disagree
+    assert (found["x"].ours, found["x"].paper, found["x"].verdict) == (1.0, -2.0, "no")
+    # STS: ours 5 − 30 = −25, paper A.Y − B.X = 3.5 − 12 = −8.5 → agree
+    assert (found["xy"].ours, found["xy"].paper, found["xy"].verdict) == (-25.0, -8.5, "yes")
+    # margin: ours 1 − (−25) = 26, paper −2 − (−8.5) = 6.5
+    assert (found["margin"].ours, found["margin"].paper, found["margin"].verdict) == (26.0, 6.5, "yes")
+
+
+def test_a_paper_table_with_text_in_a_score_cell_is_refused_naming_it(tmp_path):
+    table = tmp_path / "bad.csv"
+    table.write_text("model,Dense\nA,67.8\nB,n/a\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: row 'B', column 'Dense': 'n/a' is not a number"):
+        report.read_paper_table(table)
+
+
+def test_the_recipe_prints_a_paper_table_in_its_own_columns():
+    from embedkit.reporting.tables import side_by_side
+
+    text = side_by_side("| ours |", "embedkit m3", REPO / "experiments" / "m3" / "m3_table6.csv", "BGE-M3 Table 6")
+    assert "| model | Dense | Sparse | Multi-vec |" in text
+    assert "| M3-w.skd | 67.80 | 53.90 | 69.00 |" in text and "| M3-w.o.skd | 67.20 | 36.70 | 67.80 |" in text
+    text = side_by_side("| ours |", "embedkit conan", REPO / "experiments" / "conan" / "conan_table3.csv", "Table 3")
+    assert "| Vanilla | – | – | – | – | – | – | – |" in text and "| Conan-Embedding | 76.67 |" in text
+
+
+def test_m3_results_md_shows_table6_and_its_deltas(tmp_path):
+    logs, out = tmp_path / "logs", tmp_path / "experiments"
+    (out / "m3").mkdir(parents=True)
+    (out / "m3" / "m3_table6.csv").write_text((REPO / "experiments" / "m3" / "m3_table6.csv").read_text())
+    write_run(logs / "reproduce" / "m3_ablation_selfdistill", _m3_rows({"dense": 1.0, "sparse": 4.0, "multivec": 0.5}),
+              overrides=["+experiment=m3_ablation_selfdistill"])
+    (path,) = report.main(["--runs", str(logs), "--out", str(out), "--papers", "m3"])
+    text = path.read_text()
+    assert "### Paper (`m3_table6.csv`)" in text and "| model | Dense | Sparse | Multi-vec |" in text
+    assert "| self-distillation helps sparse retrieval (with − without) | BGE-M3 Table 6 (MIRACL nDCG@10) | " \
+           "+17.20 | +4.00 | yes |" in text
+    assert "| self-distill dense+sparse |" in text                      # the hybrids stay in the mini table
+    assert "4 of 4 findings agree" in text and "Paper numbers: not available here" not in text
 
 
 def test_results_md_uses_the_newest_run_states_the_setup_and_embeds_pngs(tmp_path):

@@ -176,11 +176,15 @@ def from_config(name: str, cfg, config_file: Path) -> Experiment:
     exp.findings = list(report.get("findings") or [])
     for i, spec in enumerate(exp.findings):
         validate(spec, f"{where}.findings[{i}]")
-    ids = [f["id"] for f in exp.findings if "id" in f]
+    by_id = {f["id"]: f for f in exp.findings if "id" in f}
     for i, spec in enumerate(exp.findings):
         for ref in [spec["margin"]["of"], *spec["margin"]["over"]] if "margin" in spec else []:
-            if ref not in ids:
+            if ref not in by_id:
                 raise ExperimentConfigError(f"{where}.findings[{i}].margin names {ref!r}, no finding has that id")
+            if spec.get("paper") == "table" and "direction" in by_id[ref]:
+                raise ExperimentConfigError(
+                    f"{where}.findings[{i}]: a margin with `paper: table` takes the margin of the paper deltas "
+                    f"of the findings it names, and {ref!r} states only a direction")
     if exp.reproduce and not exp.paper:
         raise ExperimentConfigError(f"{where}: reproduce: true needs `paper` (the experiments/<paper>/ folder)")
     return exp

@@ -18,22 +18,31 @@ An experiment lists them under `report.findings` (conf/experiment/*.yaml):
         columns: [Retrieval, STS, PairCLF, CLF, Rerank, Cluster, Avg]
         paper: table
         source: "C-Pack Table 4"
+      # paper: cells of the paper's table, when its rows and columns are not ours (a paper table
+      # with a row per model and a column per retrieval mode): cell [A, a] − cell [B, b]
+      - {id: sparse, claim: "self-distillation helps sparse retrieval", rows: [self-distill sparse,
+         no self-distill sparse], column: Retrieval, paper: {cells: [[M3-w.skd, Sparse], [M3-w.o.skd, Sparse]]},
+         source: "BGE-M3 Table 6"}
       # the paper states only a direction; "Conan*": the first row whose label matches
       - {claim: "Conan beats Vanilla on {column}", rows: ["Conan*", Vanilla], columns: [Retrieval, Rerank],
          direction: up, source: "..."}
       # ours = the smallest step between neighbouring rows of the series (reduce: min or max)
       - {claim: "...", series: 'dim=(\\d+)', rows: neighbours, reduce: min, direction: up, source: "..."}
-      # ours = finding `of`'s difference − the largest of `over`'s (findings named by `id`)
-      - {claim: "...", margin: {of: sparse, over: [dense, multivec]}, direction: up, source: "..."}
+      # ours = finding `of`'s difference − the largest of `over`'s (findings named by `id`);
+      # paper: table = the same margin of their paper deltas (or a `direction`, or a number)
+      - {claim: "...", margin: {of: sparse, over: [dense, multivec]}, paper: table, source: "..."}
 
 Keys: `claim` and `source` (text; the claim is a format string with {column}, {rows[i]} (our labels),
 {paper_rows[i]} and {values[i]} (what the series regex captured)); `rows` or `margin`; `column`
 (default Avg) or `columns`; `paper` (`table`: the paper rows our rows were run for, i.e. their
 results.json `paper_row`, else the same label, else the paper table's first / last row for
-first / last; `{rows: [A, B]}`: these paper rows; a number: the paper's difference) or `direction`
-(up / down); `series`, `reduce`, `id`. A finding whose paper rows are not in the paper table, or
-whose series has fewer than two rows, or whose margin lacks a difference, is left out; one whose
-own rows are missing shows as `n/a (row missing)`.
+first / last, in our column; `{rows: [A, B]}`: these paper rows, in our column; `{cells: [[A, a],
+[B, b]]}`: paper Δ = cell (row A, column a) − cell (row B, column b), whatever our column; a number:
+the paper's difference; on a margin, `table`: the margin of the paper deltas of the findings it
+names) or `direction` (up / down); `series`, `reduce`, `id`. A finding whose paper rows or cells
+are not in the paper table (or are empty cells), or whose series has fewer than two rows, or whose
+margin lacks a difference, is left out; one whose own rows are missing shows as
+`n/a (row missing)`.
 """
 
 from __future__ import annotations
@@ -102,9 +111,9 @@ def validate(spec, where: str) -> None:
     if "direction" in spec and spec["direction"] not in ("up", "down"):
         bad("`direction` is up or down")
     paper = spec.get("paper")
-    if "paper" in spec and not (paper == "table" or isinstance(paper, (int, float))
-                                or (isinstance(paper, dict) and set(paper) == {"rows"} and _pair(paper["rows"]))):
-        bad("`paper` is `table`, {rows: [A, B]} (paper-table rows) or a number")
+    if "paper" in spec and not (paper == "table" or _number(paper) or _paper_rows(paper) or _paper_cells(paper)):
+        bad("`paper` is `table`, {rows: [A, B]} (paper-table rows), {cells: [[row, column], [row, column]]} "
+            "(paper-table cells) or a number")
     if ("rows" in spec) == ("margin" in spec):
         bad("give exactly one of `rows` ([A, B] or neighbours) and `margin` ({of: ID, over: [IDs]})")
     if "column" in spec and "columns" in spec:
@@ -116,8 +125,9 @@ def validate(spec, where: str) -> None:
         if not (isinstance(margin, dict) and set(margin) == {"of", "over"} and isinstance(margin["over"], list)
                 and margin["over"]):
             bad("`margin` is {of: ID, over: [ID, ...]}")
-        if isinstance(paper, (str, dict)) and "paper" in spec:
-            bad("a margin compares findings: its paper side is a `direction` or a number")
+        if isinstance(paper, dict) and "paper" in spec:
+            bad("a margin compares findings: its paper side is `table` (the margin of their paper deltas), "
+                "a number or a `direction`")
     if "rows" in spec and spec["rows"] != NEIGHBOURS and not _pair(spec["rows"]):
         bad("`rows` is [A, B] (labels, label patterns such as \"Row*\", first, last) or neighbours")
     if spec.get("rows") == NEIGHBOURS and isinstance(paper, (str, dict)) and "paper" in spec:
@@ -136,6 +146,19 @@ def validate(spec, where: str) -> None:
 
 def _pair(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _paper_rows(paper) -> bool:
+    return isinstance(paper, dict) and set(paper) == {"rows"} and _pair(paper["rows"])
+
+
+def _paper_cells(paper) -> bool:
+    return (isinstance(paper, dict) and set(paper) == {"cells"} and isinstance(paper["cells"], list)
+            and len(paper["cells"]) == 2 and all(_pair(cell) for cell in paper["cells"]))
 
 
 # ---------------------------------------------------------------- evaluating
@@ -227,11 +250,16 @@ def _compare(spec, column: str, run, paper_rows: list[dict]) -> Finding | None:
     paper = spec.get("paper")
     if paper == "table" or isinstance(paper, dict):
         by_paper = {r["label"]: r for r in paper_rows}
-        pa, pb = paper["rows"] if isinstance(paper, dict) else \
-            [_paper_row(run, s, label, paper_rows) for s, label in zip(spec["rows"], (a, b))]
-        if pa not in by_paper or pb not in by_paper:
-            return None   # the paper's table (or these rows of it) is not at hand
-        paper_delta: float | str = by_paper[pa][column] - by_paper[pb][column]
+        if isinstance(paper, dict) and "cells" in paper:
+            (pa, column_a), (pb, column_b) = paper["cells"]
+        else:
+            pa, pb = paper["rows"] if isinstance(paper, dict) else \
+                [_paper_row(run, s, label, paper_rows) for s, label in zip(spec["rows"], (a, b))]
+            column_a = column_b = column
+        cell_a, cell_b = by_paper.get(pa, {}).get(column_a), by_paper.get(pb, {}).get(column_b)
+        if cell_a is None or cell_b is None:
+            return None   # the paper's table (or these rows, columns or cells of it) is not at hand
+        paper_delta: float | str = cell_a - cell_b
     else:
         pa, pb = a, b
         paper_delta = _paper_side(spec)
@@ -241,8 +269,14 @@ def _compare(spec, column: str, run, paper_rows: list[dict]) -> Finding | None:
 
 def _margin(spec, by_id: dict[str, Finding]) -> Finding | None:
     margin = spec["margin"]
-    gains = [by_id[i].ours if i in by_id else None for i in [margin["of"], *margin["over"]]]
-    if any(g is None for g in gains):
+    found = [by_id.get(i) for i in [margin["of"], *margin["over"]]]
+    if any(f is None or f.ours is None for f in found):
         return None
+    if spec.get("paper") == "table":
+        if any(isinstance(f.paper, str) for f in found):
+            return None   # a named finding has only a direction on the paper's side
+        paper: float | str = found[0].paper - max(f.paper for f in found[1:])
+    else:
+        paper = _paper_side(spec)
     claim = spec["claim"].format(of=margin["of"], over=margin["over"])
-    return Finding(claim, spec["source"], _paper_side(spec), gains[0] - max(gains[1:]))
+    return Finding(claim, spec["source"], paper, found[0].ours - max(f.ours for f in found[1:]))

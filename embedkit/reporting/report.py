@@ -14,8 +14,8 @@ Local run folders are always read: `<runs>/reproduce/<experiment>/` (`make repro
 from files: the tables from `table.json`, the setup (model size, data, steps) from the rows'
 `results.json` and the run's `.hydra/config.yaml` / `overrides.yaml`, the paper's numbers from
 `experiments/*/*.csv`, and each finding's verdict from the two deltas. A finding whose paper source
-gives only a direction (M3, Conan: their tables are not in our sources) is compared against that
-stated direction.
+gives only a direction (Conan: its ablation table is an image in our sources) is compared against
+that stated direction.
 
 `--wandb ENTITY/PROJECT` also lists the W&B runs of each experiment's group (public API; needs
 network and a `wandb login`). PNGs present in `experiments/<paper>/` are embedded as images.
@@ -39,7 +39,7 @@ from embedkit.config import CONFIG_DIR
 from embedkit.reporting import experiments as declared
 from embedkit.reporting.experiments import Experiment
 from embedkit.reporting.findings import TIE, Finding, evaluate  # noqa: F401  (Finding, TIE: re-exported)
-from embedkit.reporting.tables import COLUMNS, read_paper_table, to_markdown
+from embedkit.reporting.tables import COLUMNS, paper_columns, read_paper_table, to_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -208,7 +208,8 @@ def experiment_section(exp: Experiment, paper_dir: Path, runs_root: Path, wandb_
         parts += ["", "### Mini setup", "", *setup_lines(run), "", "### Mini results", "",
                   to_markdown([{"label": k, **v} for k, v in run.rows.items()], "row")]
     if paper_rows:
-        parts += ["", f"### Paper (`{exp.paper_table}`)", "", to_markdown(paper_rows, first)]
+        parts += ["", f"### Paper (`{exp.paper_table}`)", "",
+                  to_markdown(paper_rows, first, paper_columns(paper_rows))]
     else:
         parts += ["", f"Paper numbers: not available here: {exp.paper_table_note}."]
     if folders:

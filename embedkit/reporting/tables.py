@@ -1,7 +1,10 @@
 """Result tables in C-MTEB's layout: one row per run, the six categories and the overall average.
 
 A table is written as Markdown (to read) and CSV (for notebooks), and printed beside the paper's
-table it reproduces, which lives as data under `experiments/`.
+table it reproduces, which lives as data under `experiments/`. A paper's table keeps the paper's
+own columns (C-MTEB's for C-Pack and Conan, the retrieval modes for BGE-M3's MIRACL table): every
+column after the first is a score, except the text columns in NOTE_COLUMNS; an empty cell is a
+number the sources at hand do not give.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from embedkit.atomic_files import write_text_atomic
 
 COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
 # C-Pack's tables spell the re-ranking column "Re-rank"; the data files use ours.
+NOTE_COLUMNS = ("source",)   # a paper table's text columns: where a row's numbers come from
 
 
 def _fmt(value) -> str:
@@ -39,12 +43,12 @@ def row_from_results(label: str, results: dict) -> dict:
     return row
 
 
-def to_markdown(rows: Sequence[dict], first: str) -> str:
+def to_markdown(rows: Sequence[dict], first: str, columns: Sequence[str] = COLUMNS) -> str:
     has_error = any("error" in r for r in rows)
-    header = [first, *COLUMNS] + (["error"] if has_error else [])
+    header = [first, *columns] + (["error"] if has_error else [])
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in rows:
-        cells = [str(r["label"])] + [_fmt(r.get(c)) for c in COLUMNS]
+        cells = [str(r["label"])] + [_fmt(r.get(c)) for c in columns]
         if has_error:
             cells.append(str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160])
         lines.append("| " + " | ".join(cells) + " |")
@@ -63,12 +67,31 @@ def to_csv(rows: Sequence[dict], first: str) -> str:
 
 
 def read_paper_table(path: str | Path) -> tuple[str, list[dict]]:
-    """A reference table as (first column name, rows)."""
+    """A reference table as (first column name, rows): each row {label, column: score or None (an
+    empty cell)} over the file's score columns, in the file's order (paper_columns)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
+        if not reader.fieldnames or len(reader.fieldnames) < 2:
+            raise ValueError(f"{path}: a paper table has a label column and at least one score column")
         first = reader.fieldnames[0]
-        rows = [{"label": r[first], **{c: float(r[c]) for c in COLUMNS}} for r in reader]
+        scores = [c for c in reader.fieldnames[1:] if c not in NOTE_COLUMNS]
+        rows = []
+        for r in reader:
+            row = {"label": r[first]}
+            for c in scores:
+                cell = (r.get(c) or "").strip()
+                try:
+                    row[c] = float(cell) if cell else None
+                except ValueError:
+                    raise ValueError(f"{path}: row {r[first]!r}, column {c!r}: {cell!r} is not a number "
+                                     f"(text belongs in a {' / '.join(NOTE_COLUMNS)} column)") from None
+            rows.append(row)
     return first, rows
+
+
+def paper_columns(rows: Sequence[dict]) -> list[str]:
+    """The score columns of a paper table's rows (read_paper_table), in the file's order."""
+    return [c for c in (rows[0] if rows else {}) if c != "label"]
 
 
 def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str = runs.TABLE) -> str:
@@ -88,5 +111,5 @@ def side_by_side(ours: str, ours_title: str, paper_path: str | Path | None, pape
     parts = [f"## {ours_title}", "", ours]
     if paper_path:
         first, paper_rows = read_paper_table(paper_path)
-        parts += ["", f"## {paper_title}", "", to_markdown(paper_rows, first)]
+        parts += ["", f"## {paper_title}", "", to_markdown(paper_rows, first, paper_columns(paper_rows))]
     return "\n".join(parts)
