@@ -6,9 +6,131 @@ reads every stage's rows before training any stage (one vocabulary), so the mine
 mine then, with the folder the previous stage has written by that time.
 """
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RANGE, NEGATIVES, KEEP = (2, 40), 3, 20
+
+# Two stages at smoke size: general (InfoNCE on the zh-mini task rows, in-batch negatives), then
+# task, whose data mines with general's model (model.init_from of the task stage).
+STAGED = [
+    "debug=smoke", "~logger", "data.max_examples=160", "trainer.max_steps=2",
+    "checkpoint.every_n_train_steps=0",
+    "model.tokenizer.corpora=[]",   # the vocabulary from the training rows only: no People's Daily read
+    "+objective@stages.general.objective=infonce", "+data@stages.general.data=zh_mini_task",
+    "+objective@stages.task.objective=infonce", "+data@stages.task.data=zh_mini_mined",
+    "stages.task.data.train_group_size=2",
+    f"stages.task.data.mining.range_for_sampling={RANGE[0]}-{RANGE[1]}",
+    f"stages.task.data.mining.negative_number={NEGATIVES}",
+    f"stages.task.data.mining.keep_candidates={KEEP}",
+    "ablation={rows: {mini: [{label: staged, stages: [general, task]}]}}",
+]
+
+
+def _reference_ranking(model_dir: Path, rows: list[dict]):
+    """Pool and, per row, the pool indices by cosine to the query, best first: sentence-transformers
+    embeds (not embedkit's encoder), numpy ranks (not faiss)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    pool = list(dict.fromkeys(t for r in rows for t in (*r["pos"], *r.get("neg", ()))))
+    # The miner's query instruction is null; a row's prompt ("" for NLI/STS) goes in front.
+    queries = [(r.get("prompt") or "") + r["query"] for r in rows]
+    q = st.encode(queries, convert_to_numpy=True, normalize_embeddings=True)
+    p = st.encode(pool, convert_to_numpy=True, normalize_embeddings=True)
+    scores = q.astype(np.float64) @ p.astype(np.float64).T
+    return pool, scores, np.argsort(-scores, axis=1, kind="stable")
+
+
+def test_the_task_stage_mines_with_the_saved_general_stage_after_it_finished(compose_run, monkeypatch,
+                                                                              capsys):
+    import embedkit.mining.ann as ann
+    import embedkit.mining.data as mined_data
+    import embedkit.recipes.train_eval as recipe
+    from embedkit.eval.suite import MiniCMTEB
+    from embedkit.recipes.rows import ablation_rows
+
+    cfg = compose_run(STAGED)
+    out_dir = Path(cfg.paths.output_dir)
+    (row,) = recipe.planned(cfg, ablation_rows(cfg), out_dir)
+    general, task = row["plan"]
+    general_model = general["dir"] / "model"
+    assert task["cfg"].data.mining.model_path == str(general_model)
+
+    calls = []
+    real_mine_rows, real_miner = mined_data.mine_rows, ann.HardNegativeMiner.__call__
+
+    def mine_rows(rows, **kwargs):
+        # Mining must wait for the general stage: its model folder, .done written last.
+        calls.append({"model_path": kwargs.get("model_path"),
+                      "general_done": (general_model / ".done").exists()})
+        return real_mine_rows(rows, **kwargs)
+
+    def miner(self, rows, encoder, **kwargs):
+        calls[-1]["mined"] = True
+        return real_miner(self, rows, encoder, **kwargs)
+
+    monkeypatch.setattr(mined_data, "mine_rows", mine_rows)
+    monkeypatch.setattr(ann.HardNegativeMiner, "__call__", miner)
+    # Scoring the task stage is not under test here (and importing mteb would double the time).
+    monkeypatch.setattr(MiniCMTEB, "check", lambda self: None)
+    monkeypatch.setattr(MiniCMTEB, "evaluate", lambda self, *a, **k: {"categories": {"STS": 0.0}, "Avg": 0.0})
+
+    # The plan and its preflight neither mine nor need the general stage's folder.
+    plan_cfg = compose_run([*STAGED, "plan=true"])
+    assert recipe.run(plan_cfg) is None
+    assert "stage task" in capsys.readouterr().out
+    from embedkit.recipes.preflight import config_problems
+
+    assert config_problems(cfg, ablation_rows(cfg)) == []
+    assert calls == [] and not general_model.exists()
+
+    recipe.run(cfg)
+    assert calls == [{"model_path": str(general_model), "general_done": True, "mined": True}]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["stage_steps"] == {"general": 2, "task": 2}
+
+    # The task stage's rows as the recipe reads them (for the vocabulary): unmined.
+    data = instantiate(task["cfg"].data)
+    rows = data.examples
+    assert calls[1:] == [] and all("candidates" not in r for r in rows)
+    (cached,) = (Path(cfg.paths.cache_dir) / "mined").glob("*.jsonl")
+    mined = [json.loads(line) for line in cached.read_text(encoding="utf-8").splitlines()]
+    assert [(m["query"], m["pos"]) for m in mined] == [(r["query"], r["pos"]) for r in rows]
+
+    pool, scores, order = _reference_ranking(general_model, rows)
+    index = {t: j for j, t in enumerate(pool)}
+    a, b = RANGE
+    exact, from_window = 0, 0
+    for r, m, s, ranked in zip(rows, mined, scores, order):
+        forbidden = {r["query"].strip(), *(p.strip() for p in r["pos"])}
+        clean = [j for j in ranked if pool[j].strip() not in forbidden]
+        window = [j for j in ranked[a:b] if pool[j].strip() not in forbidden]
+        got = [index[t] for t in m["candidates"]]
+        # The kept ranking is the reference's first KEEP, up to float-rounding ties.
+        np.testing.assert_allclose(s[got], s[clean[:KEEP]], rtol=0, atol=1e-5)
+        exact += got == clean[:KEEP]
+        neg = [index[t] for t in m["neg"]]
+        assert len(neg) == NEGATIVES == len(set(neg)) and not forbidden & set(m["neg"])
+        # Negatives come from ranks a..b-1 (the window's scores, with the same tolerance).
+        if len(window) >= NEGATIVES:
+            lo, hi = s[ranked[b - 1]] - 1e-5, s[ranked[a]] + 1e-5
+            assert all(lo <= s[j] <= hi for j in neg), (r["query"], m["neg"])
+            from_window += set(neg) <= set(window)
+    assert exact >= 0.95 * len(rows) and from_window >= 0.95 * len(rows)
+
+    # A re-run of the stage (resume, or another row with the same stage) reads the cache.
+    again = instantiate(task["cfg"].data)
+    again.use_examples(rows)
+    assert again.mine() == mined and calls[-1] == {"model_path": str(general_model),
+                                                    "general_done": True}
+
 
 # ---------------------------------------------------------------- the module on its own
 
