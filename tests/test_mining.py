@@ -81,7 +81,7 @@ def test_pipeline_candidate_pool_errors_name_file_and_line(tmp_path):
         read_pool(str(path))
 
 
-def test_mined_data_module_mines_when_read_and_caches(tmp_path):
+def test_mined_data_module_mines_at_setup_and_caches(tmp_path):
     from embedkit.mining.data import MinedContrastiveDataModule
 
     rows = [{"query": f"第{i}个问题关于{c}", "pos": [f"{c}的答案段落{i}"], "neg": []}
@@ -89,11 +89,14 @@ def test_mined_data_module_mines_when_read_and_caches(tmp_path):
     dm = MinedContrastiveDataModule([lambda: rows], mining={"range_for_sampling": "0-8",
                                     "negative_number": 3, "keep_candidates": 5},
                                     batch_size=4, train_group_size=2, cache_dir=str(tmp_path))
-    mined = dm.examples
+    # Reading (for a vocabulary, embedkit/recipes/train_eval.py Examples) does not mine.
+    assert dm.examples == rows and not (tmp_path / "mined").exists()
+    mined = dm.mine()
+    assert dm.examples is mined
     assert all(len(r["neg"]) == 3 and not set(r["neg"]) & set(r["pos"]) for r in mined)
     assert all(len(r["candidates"]) == 5 for r in mined)
     assert len(list((tmp_path / "mined").glob("*.jsonl"))) == 1
     again = MinedContrastiveDataModule([lambda: rows], mining={"range_for_sampling": "0-8",
                                        "negative_number": 3, "keep_candidates": 5},
                                        batch_size=4, train_group_size=2, cache_dir=str(tmp_path))
-    assert again.examples == mined
+    assert again.mine() == mined
