@@ -232,6 +232,12 @@ def stage_lines(cfg: DictConfig, init_text: str, final: bool) -> list[tuple[str,
     obj, data, trainer, model = cfg.objective, cfg.data, cfg.trainer, cfg.model
     lines = [("model", model_line(model)), ("init", init_text)]
     lines += objective_lines(obj, data, trainer)
+    mining = get(data, "mining")
+    if isinstance(mining, dict):   # embedkit.mining.data.MinedContrastiveDataModule: mines at setup
+        lines.append(("mining", f"at setup, with {mining.get('model_path') or 'a fresh tiny_zh (shared characters)'}: "
+                                f"{mining.get('negative_number', 15)} negatives per row from ranks "
+                                f"{mining.get('range_for_sampling', '10-210')}, query instruction "
+                                f"{instruction_text(mining.get('query_instruction'))}"))
     scheduler = short(get(obj, "scheduler._target_"))
     lines.append(("optimiser", f"{short(get(obj, 'optimizer._target_'))}, lr {fmt(get(obj, 'lr'))}, "
                                f"weight decay {fmt(get(obj, 'optimizer.weight_decay'))}"))
