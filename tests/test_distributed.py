@@ -7,6 +7,8 @@
   with and without cross-device negatives, for InfoNCE, CoSENT, Matryoshka and M3, and DDP synchronises exactly one
   backward per step (syncing every replay gives the same gradient at several times the traffic,
   sentence-transformers #4027).
+- Conan's CBB layout (MultiTask's retrieval_ranks_share_queries): ranks with the same queries and
+  positives and their own negatives train as one process on the pooled group.
 
 Both sides run in float64 (Lightning's 64-true precision, the reference `.double()`): the claims
 are exact, so they are checked to float64 rounding (tests/_numerics.py).
@@ -94,7 +96,7 @@ class _Recorder(Callback):
             json.dump(float(loss), f)
 
 
-def _run_ddp(module, batch, out_dir):
+def _run_ddp(module, batch, out_dir, dataset=None):
     import pytorch_lightning as pl
 
     cfg = dict(accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=1, precision="64-true",
@@ -102,7 +104,7 @@ def _run_ddp(module, batch, out_dir):
                enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                default_root_dir=str(out_dir), num_sanity_val_steps=0, limit_val_batches=0)
     trainer = pl.Trainer(**{**cfg, **module.trainer_overrides(cfg)}, callbacks=[_Recorder(out_dir)])
-    loader = torch.utils.data.DataLoader(_RankBatch(batch), batch_size=None)
+    loader = torch.utils.data.DataLoader(dataset or _RankBatch(batch), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
     grads = [torch.load(out_dir / f"grads{r}.pt") for r in range(WORLD)]
     losses = [json.loads((out_dir / f"loss{r}.json").read_text()) for r in range(WORLD)]
@@ -200,3 +202,75 @@ def test_two_ranks_equal_one_process(tok, tmp_path, monkeypatch, case):
     for name, g in ref_grads.items():
         assert_close_scaled(grads[1][name], grads[0][name], RTOL64, scale=scale, what=f"rank 1 {name}")
         assert_close_scaled(grads[0][name], g, RTOL64, scale=scale, what=name)
+
+
+# ---------------------------------------------------------------- Conan's CBB layout across ranks
+
+def _shared_query_batches(tok, differ=False):
+    """Conan's retrieval GPUs: every rank the same 3 queries and positives, each its own negative
+    per query; each rank its own STS pairs. Returns the ranks' batches and the pooled batch one
+    process trains on (query i's group [p_i⁺, rank 0's negative, rank 1's negative]). The rows are
+    cut from one padded batch, so padding is the same on both sides."""
+    full = tokens(tok, [t for i in range(PER_RANK) for t in (PASSAGES[i], PASSAGES[3 + 2 * i],
+                                                             PASSAGES[4 + 2 * i])])
+    queries = tokens(tok, QUERIES[:2 * PER_RANK])
+    sts = {"sentence1": tokens(tok, QUERIES[:WORLD * PER_RANK]),
+           "sentence2": tokens(tok, PASSAGES[:WORLD * PER_RANK]),
+           "labels": torch.tensor([5.0, 4.0, 1.0, 3.0, 0.0, 2.0])}
+    first = {k: v[:PER_RANK] for k, v in queries.items()}
+    ranks = []
+    for r in range(WORLD):
+        rows = torch.tensor([3 * i + j for i in range(PER_RANK) for j in (0, 1 + r)])
+        q = {k: v[PER_RANK:] for k, v in queries.items()} if differ and r == 1 else first
+        ranks.append({"retrieval": {"query": q, "passages": {k: v[rows] for k, v in full.items()}},
+                      "sts": rank_slice(sts, r)})
+    pooled = [{"retrieval": {"query": first, "passages": full}, "sts": rank_slice(sts, r)}
+              for r in range(WORLD)]
+    return ranks, pooled
+
+
+class _PerRank(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.batches[torch.distributed.get_rank()]
+
+
+def _cbb(tok, **kw):
+    import functools
+
+    from embedkit.objectives.multitask import MultiTask
+
+    return MultiTask(encoder(tok), {"retrieval": functools.partial(InfoNCE, temperature=0.05),
+                                    "sts": functools.partial(CoSENT, scale=20.0)}, **kw)
+
+
+def test_ranks_sharing_queries_pool_every_ranks_negatives_as_one_process(tok, tmp_path, monkeypatch):
+    """CBB with retrieval_ranks_share_queries (Conan Eq. 3 across real ranks): every rank's loss is
+    L_ret over the pooled group 1 + W·n plus 0.8·its own CoSENT, and DDP's averaged gradient is one
+    process's gradient of the mean of those losses."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ranks, pooled = _shared_query_batches(tok)
+    reference = _cbb(tok).double()
+    ref_losses, ref_grads = _reference(reference, pooled)
+
+    grads, losses, syncs = _run_ddp(_cbb(tok, retrieval_ranks_share_queries=True), None, tmp_path,
+                                    dataset=_PerRank(ranks))
+    assert syncs == [1] * WORLD
+    assert losses == pytest.approx(ref_losses, rel=RTOL64)
+    assert set(grads[0]) == set(grads[1]) == set(ref_grads)
+    scale = scale_of(ref_grads)
+    for name, g in ref_grads.items():
+        assert_close_scaled(grads[1][name], grads[0][name], RTOL64, scale=scale, what=f"rank 1 {name}")
+        assert_close_scaled(grads[0][name], g, RTOL64, scale=scale, what=name)
+
+
+def test_ranks_said_to_share_queries_that_do_not_is_an_error(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ranks, _ = _shared_query_batches(tok, differ=True)
+    with pytest.raises(Exception, match="queries or positives differ"):
+        _run_ddp(_cbb(tok, retrieval_ranks_share_queries=True), None, tmp_path, dataset=_PerRank(ranks))
