@@ -314,18 +314,27 @@ def test_decoder_never_lets_position_i_see_token_i(model, batch):
             assert torch.equal(new[1:], base[1:])  # other examples untouched
 
 
-def test_query_stream_variants(model, batch):
+def _embeddings_query_stream_by_hand(emb, h, positions):
+    """FlagEmbedding's query stream written out: LayerNorm(h + P[i] + T[0]) (eval: no dropout)."""
+    ln = emb.LayerNorm
+    x = h[:, None] + emb.position_embeddings.weight[positions][None] + emb.token_type_embeddings.weight[0]
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def test_query_stream_variants(model64, batch):
+    model = copy.deepcopy(model64)
+    emb = model.encoder.backbone.embeddings
     with torch.no_grad():
         h = model.embed(batch)["cls"]
         q = model.query_stream_input(h, 10)
-        pos = model.encoder.backbone.embeddings.position_embeddings.weight[:10]
-        assert torch.allclose(q, h[:, None] + pos[None], atol=1e-6)
+        assert_close_scaled(q, h[:, None] + emb.position_embeddings.weight[:10][None], RTOL64)
         model.loss.query_stream = "embeddings"
-        try:
-            q2 = model.query_stream_input(h, 10)
-        finally:
-            model.loss.query_stream = "position"
-    assert torch.allclose(q2.mean(-1), torch.zeros(q2.shape[:2]), atol=1e-4)  # went through LayerNorm
+        q2 = model.query_stream_input(h, 10)
+        assert_close_scaled(q2, _embeddings_query_stream_by_hand(emb, h, torch.arange(10)), RTOL64)
+        # and what the decoder is fed is that stream
+        query = model.embed(batch)["decoder_query"]
+        n = batch["decoder_input_ids"].shape[1]
+        assert_close_scaled(query, _embeddings_query_stream_by_hand(emb, h, torch.arange(n)), RTOL64)
 
 
 def test_mlm_head_init_copies_a_checkpoint_head(zh_tok, tmp_path):
@@ -343,6 +352,151 @@ def test_mlm_head_init_copies_a_checkpoint_head(zh_tok, tmp_path):
     src = BertForMaskedLM.from_pretrained(tmp_path).cls.predictions
     assert torch.allclose(m.loss.mlm_head.dense.weight, src.transform.dense.weight)
     assert torch.allclose(m.loss.mlm_head.bias, src.decoder.bias)
+
+
+# ---------------------------------------------------------------- paper scale: model=hf, the checkpoint's head
+
+def _masked_lm(kind, tok, tie=True):
+    """A tiny BERT or RoBERTa masked LM whose head is not at its init (so a copy is visible)."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    config_class, model_class = {"bert": (BertConfig, BertForMaskedLM),
+                                 "roberta": (RobertaConfig, RobertaForMaskedLM)}[kind]
+    torch.manual_seed(1)
+    lm = model_class(config_class(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, pad_token_id=tok.pad_token_id,
+                                  max_position_embeddings=80, tie_word_embeddings=tie))
+    with torch.no_grad():
+        for p in lm.get_output_embeddings().parameters():
+            p.normal_()
+        for n, p in lm.named_parameters():
+            if n.startswith(("cls.", "lm_head.")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def bert_mlm_checkpoint(zh_tok, tmp_path_factory):
+    """A BertForMaskedLM saved with its tokenizer: what model=hf loads at paper scale."""
+    out = tmp_path_factory.mktemp("bert_mlm")
+    _masked_lm("bert", zh_tok).save_pretrained(out)
+    zh_tok.save_pretrained(out)
+    return out
+
+
+def test_paper_keys_keep_the_checkpoints_head_and_flagembeddings_query_stream(bert_mlm_checkpoint, batch):
+    """model=hf with objective.mlm_head_init=from_model and objective.query_stream=embeddings, built
+    the way the recipe builds a stage: the head is the checkpoint's (its tensors, and its logits and
+    MLM loss are BertForMaskedLM's own), and the decoder's queries are FlagEmbedding's."""
+    from hydra.utils import instantiate
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM
+
+    from embedkit.recipes.train_eval import build_stage
+    from helpers import compose
+
+    ckpt = bert_mlm_checkpoint
+    cfg = compose(["model=hf", f"model.name_or_path={ckpt}", "data=pd_corpus", "objective=retromae",
+                   "objective.mlm_head_init=from_model", "objective.query_stream=embeddings"])
+    module = build_stage(cfg, instantiate(cfg.model.tokenizer)).eval()
+    saved = load_file(str(ckpt / "model.safetensors"))
+    head = module.loss.mlm_head
+    assert torch.equal(head.dense.weight, saved["cls.predictions.transform.dense.weight"])
+    assert torch.equal(head.dense.bias, saved["cls.predictions.transform.dense.bias"])
+    assert torch.equal(head.LayerNorm.weight, saved["cls.predictions.transform.LayerNorm.weight"])
+    assert torch.equal(head.LayerNorm.bias, saved["cls.predictions.transform.LayerNorm.bias"])
+    assert torch.equal(head.bias, saved["cls.predictions.bias"])
+    assert head.bias.abs().max() > 0.1   # not the fresh zeros
+
+    module = module.double()
+    lm = BertForMaskedLM.from_pretrained(ckpt).double().eval()
+    with torch.no_grad():
+        emb = module.embed(batch)
+        ref = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        assert_close_scaled(module.mlm_logits(emb["hidden"]), ref.logits, RTOL64)
+        enc_loss = module.loss.loss_parts(emb, batch)["encoder_mlm_loss"]
+        assert enc_loss.item() == pytest.approx(ref.loss.item(), rel=RTOL64)
+        # the query stream by hand from the checkpoint's own tensors, and as FlagEmbedding calls it
+        h = emb["cls"]
+        n = batch["decoder_input_ids"].shape[1]
+        ln_w, ln_b = saved["bert.embeddings.LayerNorm.weight"], saved["bert.embeddings.LayerNorm.bias"]
+        x = (h[:, None] + saved["bert.embeddings.position_embeddings.weight"][:n].double()[None]
+             + saved["bert.embeddings.token_type_embeddings.weight"][0].double())
+        by_hand = F.layer_norm(x, (x.shape[-1],), ln_w.double(), ln_b.double(), lm.config.layer_norm_eps)
+        assert_close_scaled(emb["decoder_query"], by_hand, RTOL64)
+        flag = lm.bert.embeddings(inputs_embeds=h[:, None].expand(-1, n, -1))
+        assert_close_scaled(emb["decoder_query"], flag, RTOL64)
+
+
+def test_from_model_keeps_a_roberta_head_and_its_position_numbering(zh_tok, tmp_path):
+    """XLM-R / RoBERTa (BGE-M3's RetroMAE): `lm_head.*`, and positions from padding_idx + 1."""
+    from safetensors.torch import load_file
+    from transformers import RobertaForMaskedLM
+
+    from embedkit.models.build import hf_encoder
+
+    lm = _masked_lm("roberta", zh_tok)
+    lm.save_pretrained(tmp_path)
+    m = RetroMAE(hf_encoder(zh_tok, str(tmp_path)), mlm_head_init="from_model",
+                 query_stream="embeddings").double().eval()
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(m.loss.mlm_head.dense.weight, saved["lm_head.dense.weight"].double())
+    assert torch.equal(m.loss.mlm_head.LayerNorm.weight, saved["lm_head.layer_norm.weight"].double())
+    assert torch.equal(m.loss.mlm_head.bias, saved["lm_head.bias"].double())
+    lm = RobertaForMaskedLM.from_pretrained(tmp_path).double().eval()
+    ids = zh_tok(["北京是中国的首都", "今天"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = m.encoder.hidden_states(ids["input_ids"], ids["attention_mask"])
+        assert_close_scaled(m.mlm_logits(hidden), lm(**ids).logits, RTOL64)
+        h = hidden[:, 0]
+        pad = lm.config.pad_token_id
+        emb = m.encoder.backbone.embeddings
+        got = m.query_stream_input(h, 7)
+        assert_close_scaled(got, _embeddings_query_stream_by_hand(emb, h, torch.arange(pad + 1, pad + 8)), RTOL64)
+        assert_close_scaled(got, lm.roberta.embeddings(inputs_embeds=h[:, None].expand(-1, 7, -1)), RTOL64)
+
+
+def test_from_model_needs_a_checkpoint(zh_tok):
+    enc = tiny_zh_encoder(zh_tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    with pytest.raises(ValueError, match="mlm_head_init=from_model.*built from a config"):
+        RetroMAE(enc, mlm_head_init="from_model")
+
+
+def test_mlm_head_init_refuses_a_checkpoint_without_a_trained_head(zh_tok, tmp_path):
+    """A plain encoder checkpoint (BertModel, as BAAI/bge-*-zh ship) would get a random head."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=len(zh_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "plain")
+    enc = tiny_zh_encoder(zh_tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    with pytest.raises(ValueError, match="no trained MLM head"):
+        RetroMAE(enc, mlm_head_init=str(tmp_path / "plain"))
+    _masked_lm("bert", zh_tok, tie=False).save_pretrained(tmp_path / "untied")
+    with pytest.raises(ValueError, match="not tied"):
+        RetroMAE(enc, mlm_head_init=str(tmp_path / "untied"))
+
+
+def test_mlm_head_is_read_at_the_models_revision(monkeypatch, bert_mlm_checkpoint):
+    import transformers
+
+    from helpers import compose
+
+    cfg = compose(["model=hf", "model.revision=0123abc", "objective=retromae", "objective.mlm_head_init=from_model"])
+    assert cfg.objective.mlm_head_revision == "0123abc"
+    assert compose(["objective=retromae"]).objective.mlm_head_revision is None   # tiny_zh: no revision
+    seen, load = [], transformers.AutoModelForMaskedLM.from_pretrained
+
+    def recording(name, **kw):
+        seen.append((str(name), kw.get("revision")))
+        return load(name, **{k: v for k, v in kw.items() if k != "revision"})
+
+    monkeypatch.setattr(transformers.AutoModelForMaskedLM, "from_pretrained", recording)
+    from embedkit.models.build import hf_encoder
+    from transformers import AutoTokenizer
+
+    enc = hf_encoder(AutoTokenizer.from_pretrained(bert_mlm_checkpoint), str(bert_mlm_checkpoint))
+    RetroMAE(enc, mlm_head_init="from_model", mlm_head_revision="0123abc")
+    assert seen == [(str(bert_mlm_checkpoint), "0123abc")]
 
 
 # ---------------------------------------------------------------- (f, g) training and saving

@@ -177,6 +177,94 @@ def load_encoder(path: str | Path, device: str = "cpu", trust_remote_code: bool 
     return encoder.to(device)
 
 
+#: sentence-transformers module types, by class name (the end of the dotted type: 2.x-5.x write
+#: `sentence_transformers.models.Pooling`, 6.x `sentence_transformers.sentence_transformer.modules.pooling.Pooling`).
+_ST_TRANSFORMER, _ST_POOLING, _ST_NORMALIZE = "Transformer", "Pooling", "Normalize"
+#: sentence-transformers' legacy pooling switches (pooling_mode_<flag>) and the mode each stands for.
+_ST_POOLING_FLAGS = {"cls_token": "cls", "max_tokens": "max", "mean_tokens": "mean",
+                     "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                     "weightedmean_tokens": "weightedmean", "lasttoken": "lasttoken"}
+
+
+def sentence_transformers_settings(path: str | Path) -> dict | None:
+    """How a sentence-transformers model folder embeds, from its module files; None without
+    `modules.json` (a plain HF or embedkit folder).
+
+    Read as sentence-transformers reads them (2.x to 6.x): `modules.json` lists the Transformer (its
+    folder, "" = the root, holds `sentence_bert_config.json`), a Pooling module
+    (`<dir>/config.json`: `pooling_mode` in 6.x, else the legacy `pooling_mode_*` switches, none set
+    meaning mean) and an optional Normalize. Returns
+
+        {"transformer": the backbone's folder, "pooling": the mode ("cls", "mean", "max", ...; a
+         tuple when several are concatenated), "pooling_config": the file it was read from,
+         "normalize": bool, "max_length": max_seq_length or None (the tokenizer's then),
+         "do_lower_case": bool (sentence-transformers lower-cases the text before tokenising)}
+
+    A module `TextEncoder` cannot reproduce (Dense, or anything but Transformer, Pooling and
+    Normalize) is an error naming modules.json, so that a caller never embeds differently from the
+    checkpoint without knowing; `load_sentence_transformers_encoder` checks the pooling mode.
+    """
+    import json
+
+    from embedkit.models.export import MODULES_FILE, TRANSFORMER_CONFIG
+
+    root = Path(path)
+    modules_file = root / MODULES_FILE
+    if not modules_file.is_file():
+        return None
+    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if kinds not in ([_ST_TRANSFORMER, _ST_POOLING], [_ST_TRANSFORMER, _ST_POOLING, _ST_NORMALIZE]):
+        raise ValueError(f"{modules_file}: modules {kinds}; only Transformer, Pooling[, Normalize] "
+                         f"can be loaded as an embedkit encoder (no Dense or other modules)")
+    transformer = root / modules[0].get("path", "")
+    st_config_file = transformer / TRANSFORMER_CONFIG
+    st_config = (json.loads(st_config_file.read_text(encoding="utf-8"))
+                 if st_config_file.is_file() else {})
+    pooling_file = root / modules[1]["path"] / "config.json"
+    pooling_config = json.loads(pooling_file.read_text(encoding="utf-8"))
+    mode = pooling_config.get("pooling_mode")
+    if mode is None:
+        mode = [m for flag, m in _ST_POOLING_FLAGS.items() if pooling_config.get(f"pooling_mode_{flag}")]
+        mode = mode or "mean"
+    if isinstance(mode, (list, tuple)):
+        mode = mode[0] if len(mode) == 1 else tuple(mode)
+    return {"transformer": transformer, "pooling": mode, "pooling_config": pooling_file,
+            "normalize": len(kinds) == 3, "max_length": st_config.get("max_seq_length"),
+            "do_lower_case": bool(st_config.get("do_lower_case", False))}
+
+
+def load_sentence_transformers_encoder(path: str | Path, device: str = "cpu", pooling: str | None = None,
+                                       trust_remote_code: bool = False) -> TextEncoder:
+    """A sentence-transformers model folder as a `TextEncoder` with the folder's own pooling,
+    normalisation and truncation length (`sentence_transformers_settings`), or `pooling` instead
+    of the folder's. Without `max_seq_length` the length is the tokenizer's `model_max_length`
+    capped at the model's position embeddings, as sentence-transformers does. Lower-casing
+    (`do_lower_case`) is the caller's to apply to the texts. `trust_remote_code` as `load_encoder`."""
+    from transformers import AutoTokenizer
+
+    from embedkit.models.encoder import POOLINGS
+
+    settings = sentence_transformers_settings(path)
+    if settings is None:
+        raise FileNotFoundError(f"{Path(path)}: no modules.json, not a sentence-transformers model folder")
+    chosen = pooling or settings["pooling"]
+    if chosen not in POOLINGS:
+        raise ValueError(f"{settings['pooling_config']}: pooling {chosen!r} is not one embedkit's "
+                         f"encoder computes {POOLINGS}; choose one of those to load it anyway")
+    trust = trust_remote_code_flag(trust_remote_code)
+    folder = settings["transformer"]
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    backbone = _backbone_without_pooler(folder, trust_remote_code=trust)
+    max_length = settings["max_length"]
+    if max_length is None:
+        max_length = min(tokenizer.model_max_length,
+                         getattr(backbone.config, "max_position_embeddings", tokenizer.model_max_length))
+    encoder = TextEncoder(backbone, tokenizer, pooling=chosen, normalize=settings["normalize"],
+                          max_length=int(max_length))
+    return encoder.to(device)
+
+
 def init_encoder_from(encoder: TextEncoder, path: str | Path) -> TextEncoder:
     """Load a previous stage's weights (a `save_pretrained` folder) into a freshly built encoder.
 

@@ -4,18 +4,29 @@
 as a LightningModule with the shared optimisation of embedkit/objectives/base.py. RetroMAE README
 (BERT-base): lr 1e-4, warm-up ratio 0.1, weight decay 0.01, AdamW with linear decay.
 
-Query stream. `query_stream="position"` (default) is the original RetroMAE (h + position
-embedding, nothing else); `"embeddings"` is FlagEmbedding's variant, which passes h broadcast to
-every position through the encoder's embedding module as `inputs_embeds` (adds position and
-token-type embeddings, then LayerNorm and dropout).
+Query stream. `query_stream="position"` (default) is the original RetroMAE
+(RetroMAE:src/pretrain/modeling.py: q_i = h + P[i], nothing else); `"embeddings"` is
+FlagEmbedding's variant (FE:research/baai_general_embedding/retromae_pretrain/modeling.py, the code
+BGE was pre-trained with), which passes h broadcast to every position through the encoder's
+embedding module as `inputs_embeds` (FlagEmbedding passes no position ids, so positions are that
+module's default numbering, which `query_stream_input` reproduces: BERT from 0, RoBERTa / XLM-R from
+padding_idx + 1):
+
+    q_i = Dropout(LayerNorm(h + P[i] + T[0]))      (P: position, T: token-type embeddings)
 
 MLM head. The encoder is a `TextEncoder` around a backbone without an LM head, so the loss owns a
 BERT prediction head (dense → activation → LayerNorm, then the output projection tied to the
 encoder's word embeddings, plus its own bias). It and the decoder are freshly initialised with
-BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm); `mlm_head_init` can copy the
-transform and bias from a masked-LM checkpoint (BERT `cls.predictions.*` or RoBERTa / XLM-R
-`lm_head.*`), as FlagEmbedding keeps the checkpoint's own head. That checkpoint is loaded with
-`trust_remote_code` off unless the config turns it on (`model.trust_remote_code`).
+BERT's init (normal(0, initializer_range), zero bias, unit LayerNorm): the only choice for a model
+built from a config (model=tiny_zh), which has no head to keep. FlagEmbedding instead keeps the
+checkpoint's own head (it trains `AutoModelForMaskedLM`'s `cls` / `lm_head`);
+`mlm_head_init="from_model"` does that: it copies the transform and bias of the checkpoint the
+encoder was loaded from (`model.name_or_path` with model=hf, at `mlm_head_revision`), and
+`mlm_head_init=<name or folder>` those of another masked-LM checkpoint (BERT
+`cls.predictions.*` or RoBERTa / XLM-R `lm_head.*`). A checkpoint without a trained head (a plain
+`BertModel` such as BAAI/bge-*-zh, or an embedkit model folder) or with an output matrix not tied to
+its word embeddings is an error, not a silently random head. It is loaded with `trust_remote_code`
+off unless the config turns it on (`model.trust_remote_code`).
 
 What the encoder computes and what the loss does. `embed` runs everything that goes through the
 encoder's modules: the final hidden states of the masked text, h = their [CLS] row, and the
@@ -44,6 +55,8 @@ from embedkit.models.encoder import TextEncoder
 from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 
 QUERY_STREAMS = ("position", "embeddings")
+#: `mlm_head_init` value meaning "the checkpoint the encoder itself was loaded from".
+MLM_HEAD_FROM_MODEL = "from_model"
 DECODER_DIR = "retromae_decoder"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_CONFIG = "decoder_config.json"
@@ -186,7 +199,8 @@ class RetroMAELoss(EmbeddingLoss):
             L_enc = −(1/|M_enc|) Σ_{t ∈ M_enc} log p_head(x_t | encoder(x̃_enc)_t)
 
         Enhanced decoder. One freshly initialised transformer layer with two input streams:
-            query stream   q_i = h + pos_i                     (i = 0..L-1)
+            query stream   q_i = h + pos_i                     (i = 0..L-1; query_stream="embeddings":
+                                                                Dropout(LN(h + pos_i + type_0)))
             key/value      k_0 = h,  k_j = emb(x_j) for j ≥ 1  (the ORIGINAL tokens through the
                                                                 encoder's own embedding module:
                                                                 word + position + type, LayerNorm,
@@ -215,7 +229,11 @@ class RetroMAELoss(EmbeddingLoss):
         query_stream: "position" (RetroMAE: h + position embedding) or "embeddings"
             (FlagEmbedding's variant, see the module docstring).
         save_decoder_weights: True: `save_extras` also writes the decoder and MLM head.
-        mlm_head_init: None (fresh, BERT's init); or a masked-LM checkpoint whose head to copy.
+        mlm_head_init: None (fresh, BERT's init; the tiny_zh default); "from_model" (the head of
+            the checkpoint the encoder was loaded from, as FlagEmbedding keeps it: the paper-scale
+            setting with model=hf); or a masked-LM checkpoint (hub name or folder) whose head to copy.
+        mlm_head_revision: None; the hub revision `mlm_head_init` is read at (the config passes
+            `model.revision`, the encoder's own).
         trust_remote_code: False; for loading `mlm_head_init`.
         encoder: the encoder the decoder and head are sized on (its backbone config); the MLM
             output matrix is tied to its word embeddings.
@@ -231,7 +249,7 @@ class RetroMAELoss(EmbeddingLoss):
 
     def __init__(self, encoder: TextEncoder, query_stream: str = "position",
                  save_decoder_weights: bool = True, mlm_head_init: str | None = None,
-                 trust_remote_code: bool = False):
+                 mlm_head_revision: str | None = None, trust_remote_code: bool = False):
         super().__init__()
         if query_stream not in QUERY_STREAMS:
             raise ValueError(f"unknown query_stream {query_stream!r}; choose one of {QUERY_STREAMS}")
@@ -256,7 +274,7 @@ class RetroMAELoss(EmbeddingLoss):
         bert_init(self.mlm_head, std)
         self.trust_remote_code = trust_remote_code_flag(trust_remote_code)
         if mlm_head_init:
-            self.init_mlm_head_from(mlm_head_init)
+            self.init_mlm_head_from(mlm_head_source(encoder, mlm_head_init), revision=mlm_head_revision)
         self._last_parts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ the objective
@@ -336,28 +354,58 @@ class RetroMAELoss(EmbeddingLoss):
             self.save_decoder(Path(out_dir) / DECODER_DIR)
 
     @torch.no_grad()
-    def init_mlm_head_from(self, name_or_path: str) -> None:
-        """Copy the prediction-head transform and output bias of a masked-LM checkpoint."""
+    def init_mlm_head_from(self, name_or_path: str, revision: str | None = None) -> None:
+        """Copy the prediction-head transform and output bias of a masked-LM checkpoint.
+
+        The bias is the output layer's (`decoder.bias`, tied to `cls.predictions.bias` /
+        `lm_head.bias`), i.e. what the checkpoint's own forward adds to the logits."""
         from transformers import AutoModelForMaskedLM
 
-        lm = AutoModelForMaskedLM.from_pretrained(name_or_path,
-                                                  trust_remote_code=self.trust_remote_code)
+        lm, info = AutoModelForMaskedLM.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=self.trust_remote_code,
+            output_loading_info=True)
         if hasattr(lm, "cls"):  # BERT family
-            src = lm.cls.predictions
+            prefix, src = "cls.", lm.cls.predictions
             dense, norm = src.transform.dense, src.transform.LayerNorm
         elif hasattr(lm, "lm_head"):  # RoBERTa / XLM-R
-            src = lm.lm_head
+            prefix, src = "lm_head.", lm.lm_head
             dense, norm = src.dense, src.layer_norm
         else:
             raise TypeError(f"{type(lm).__name__}: no BERT or RoBERTa style MLM head to copy")
+        # transformers fills a head the checkpoint lacks with a fresh init and only logs it.
+        missing = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
+        if missing:
+            raise ValueError(f"mlm_head_init: {name_or_path} has no trained MLM head (missing "
+                             f"{missing[:3]}); it is a plain encoder checkpoint. Set "
+                             f"objective.mlm_head_init=null (a fresh head) or name a masked-LM checkpoint")
+        if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+            raise ValueError(f"mlm_head_init: {name_or_path}'s MLM output matrix is not tied to its word "
+                             f"embeddings (tie_word_embeddings=false); RetroMAE's head is tied to the "
+                             f"encoder's word embeddings, so it cannot keep that head")
         bias = src.decoder.bias if src.decoder.bias is not None else src.bias
         head = self.mlm_head
-        head.dense.load_state_dict(dense.state_dict())
-        head.LayerNorm.load_state_dict(norm.state_dict())
         if bias.shape != head.bias.shape:
             raise ValueError(f"{name_or_path}: head bias has {bias.shape[0]} entries, the encoder's "
                              f"vocabulary {head.bias.shape[0]}")
+        head.dense.load_state_dict(dense.state_dict())
+        head.LayerNorm.load_state_dict(norm.state_dict())
         head.bias.copy_(bias)
+
+
+def mlm_head_source(encoder: TextEncoder, mlm_head_init: str) -> str:
+    """The checkpoint `mlm_head_init` names: itself, or for "from_model" the one the encoder's
+    backbone was loaded from (`from_pretrained` records it as `name_or_path`; a model built from a
+    config has none). `model.init_from` replaces the weights but not that name, so with it set this
+    is still the checkpoint model=hf started from."""
+    if mlm_head_init != MLM_HEAD_FROM_MODEL:
+        return mlm_head_init
+    source = getattr(encoder.backbone, "name_or_path", None) or ""
+    if not source:
+        raise ValueError(f"objective.mlm_head_init={MLM_HEAD_FROM_MODEL}: the encoder "
+                         f"({type(encoder.backbone).__name__}) was built from a config (model=tiny_zh), "
+                         f"so it has no checkpoint with an MLM head; use mlm_head_init=null (a fresh "
+                         f"head) or name a masked-LM checkpoint")
+    return source
 
 
 class RetroMAE(EmbeddingObjective):
