@@ -62,7 +62,8 @@ def test_plan_batch_and_negatives_at_paper_scale(compose_run, capsys):
 
 def test_plan_hard_negatives_instructions_and_weights(compose_run, capsys):
     _, out = _plan(compose_run, capsys, "+experiment=m3_ablation_selfdistill", "scale=paper")
-    assert "255 = 7 hard + 248 in-batch (on this device; cross-device off)" in out   # 32 x group 8
+    assert "383 = 7 hard + 376 in-batch (on this device; cross-device off)" in out   # 48 x group 8
+    assert "steps:               6,000 steps" in out   # the heads' warm-up (BGE-M3 App. B.1)
     assert "loss weights:        dense 1, sparse 0.1, multivec 1" in out
     assert "self-distillation on" in out and "self-distillation off" in out
     _, out = _plan(compose_run, capsys, "+experiment=bge_ablation_recipe")

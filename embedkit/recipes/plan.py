@@ -162,8 +162,14 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
     target = short(get(obj, "_target_"))
     lines: list[tuple[str, str]] = []
     if target == "MultiTask":
-        lines.append((prefix + "tasks", f"mode {get(data, 'mode', '-')}, weights "
-                      f"{fmt(get(obj, 'weights')) if get(obj, 'weights') else 'all 1 (summed)'}"
+        mode = get(data, "mode", "-")
+        weights = (f"weights {fmt(get(obj, 'weights'))}" if get(obj, "weights") else "weights all 1 (summed)")
+        if mode == "sequential":
+            weights = "one task per step (its plain loss; no weights)"
+        else:
+            weights += (f", retrieval shards {get(obj, 'retrieval_shards', 1)} ({get(obj, 'retrieval_pooling', 'pooled')})"
+                        + (", ranks share queries" if get(obj, "retrieval_ranks_share_queries") else ""))
+        lines.append((prefix + "tasks", f"mode {mode}, {weights}"
                       + (f", MRL dims {fmt(get(obj, 'mrl_dims'))}" if get(obj, "mrl_dims") else "")))
         for name in get(obj, "tasks", {}) or {}:
             sub_data = data.tasks[name] if name in (get(data, "tasks", {}) or {}) else None
