@@ -198,7 +198,7 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
                                               f"decoder {fmt(get(data, 'decoder_mask_ratio'))}"))
         head = get(obj, "mlm_head_init")
         lines.append((prefix + "decoder", f"query stream {get(obj, 'query_stream', '-')}, MLM head "
-                                          + (f"from {head}" if head else "fresh")))
+                                          + ("the checkpoint's own" if head == "from_model" else f"from {head}" if head else "fresh")))
     if target == "M3":
         lines.append((prefix + "M3 heads", f"{fmt(get(obj, 'heads'))}, self-distillation "
                       f"{fmt(bool(get(obj, 'self_distill', False)))}"))
