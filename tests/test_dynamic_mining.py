@@ -1,5 +1,7 @@
-"""Dynamic hard-negative mining (Conan): the refresh rule, the windows, the state, one real fit."""
+"""Dynamic hard-negative mining (Conan): the refresh rule, the windows, mining rounds with the
+current weights, s0 at assignment, the checkpointed state, real fits."""
 
+import io
 import warnings
 
 import numpy as np
@@ -32,8 +34,23 @@ def test_the_ith_replacement_takes_ranks_i_minus_1_times_n_plus_10_to_i_times_n_
     assert window(ranking, 6, 7) is None                                  # needs ranks up to 52
 
 
-ROWS = [{"query": f"问题{i}号", "pos": [f"答案{i}号段落"], "neg": [f"旧负例{i}甲", f"旧负例{i}乙"],
-         "candidates": [f"候选{i}第{r}名" for r in range(20)]} for i in range(6)]
+# Texts of random characters: a tiny random model then scores them far apart (no near-ties that
+# float rounding could reorder between the callback's batches and the test's own encoding).
+_CHARS = ("天地人和山水风云花草日月星辰春夏秋冬"
+          "东南西北金木火土江河湖海书画诗词琴棋红黄蓝白黑青")
+
+
+def _text(rng, length=8):
+    return "".join(rng.choice(list(_CHARS), size=length))
+
+
+def _rows(count=6, depth=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"query": _text(rng), "pos": [_text(rng)], "neg": [_text(rng), _text(rng)],
+             "candidates": [_text(rng) for _ in range(depth)]} for _ in range(count)]
+
+
+ROWS = _rows()
 
 
 @pytest.fixture(scope="module")
@@ -42,67 +59,226 @@ def tokenizer(tmp_path_factory):
     return save_tokenizer(build_char_vocab(texts), tmp_path_factory.mktemp("tok"))
 
 
-def _data(tokenizer, batch_size=2):
-    dm = ContrastiveDataModule([lambda: [dict(r) for r in ROWS]], batch_size=batch_size,
+def _data(tokenizer, batch_size=2, rows=ROWS):
+    dm = ContrastiveDataModule([lambda: [dict(r) for r in rows]], batch_size=batch_size,
                                train_group_size=3, seed=0)
     dm.attach_tokenizer(tokenizer)
     dm.setup()
     return dm
 
 
+def _encoder(tokenizer, seed=0):
+    """A tiny BERT without dropout (train and eval mode score alike). BERT's init (std 0.02) maps
+    every text to nearly one CLS vector (cosines within 1e-5 of each other); std 0.3 spreads them
+    (cosines −0.1 .. 0.9), so a ranking does not hang on float rounding."""
+    torch.manual_seed(seed)
+    encoder = tiny_zh_encoder(tokenizer, hidden_size=32, num_layers=1, num_heads=2,
+                              intermediate_size=64, dropout=0.0)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.3)
+    return encoder
+
+
+def _attach(cb, dm, encoder):
+    cb.attach(dm.dataset, encoder=encoder, pad_id=dm.tokenizer.pad_token_id, examples=dm.examples,
+              passage_texts=dm.passage_texts)
+
+
 def _texts(dm, ids):
     return [dm.passage_texts[j] for j in ids]
 
 
-def test_a_check_refreshes_the_samples_that_fire_and_the_state_round_trips(tokenizer):
-    dm = _data(tokenizer)
-    cb = DynamicHardNegatives(check_every=1, rescore=0)
-    cb.attach(dm.dataset)
-    cb.observe([0, 1, 2], [0.50, 0.50, 0.50], step=1)        # s0
-    cb.observe([0, 1, 2], [0.40, 0.45, 0.85], step=2)        # s: fires for 0 only (0.46 < 0.5)
-    assert cb.check(step=2) == 1
-    assert _texts(dm, dm.dataset.neg[0]) == ["候选0第10名", "候选0第11名"]   # n = 2: ranks 10, 11
-    assert _texts(dm, dm.dataset.neg[1]) == ["旧负例1甲", "旧负例1乙"]
-    assert np.isnan(cb.initial[0]) and cb.initial[1] == 0.5
-    # the new negatives get their own s0, then a second refresh takes ranks 12, 13
-    cb.observe([0], [0.6], step=3)
-    cb.observe([0], [0.3], step=4)
-    cb.check(step=4)
-    assert _texts(dm, dm.dataset.neg[0]) == ["候选0第12名", "候选0第13名"]
-    assert cb.refreshed_total == 2 and cb.window_index.tolist() == [2, 0, 0, 0, 0, 0]
-
-    # a restored callback puts the same windows into fresh data and continues from the same s0
-    state = cb.state_dict()
-    fresh_dm, fresh = _data(tokenizer), DynamicHardNegatives(check_every=1, rescore=0)
-    fresh.load_state_dict(state)
-    fresh.attach(fresh_dm.dataset)
-    assert [fresh_dm.dataset.neg[i] for i in range(6)] == [dm.dataset.neg[i] for i in range(6)]
-    assert np.array_equal(fresh.initial, cb.initial, equal_nan=True)
-    assert fresh.refreshed_total == 2
-    # torch.save / weights_only load, as Lightning checkpoints are read here
-    buf = __import__("io").BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    assert torch.load(buf, weights_only=True)["window_index"].tolist() == [2, 0, 0, 0, 0, 0]
+def _reweight(encoder, seed):
+    """New weights in the same module object the callback holds."""
+    encoder.load_state_dict(_encoder(encoder.tokenizer, seed).state_dict())
 
 
-def test_a_ranking_too_short_for_the_next_window_is_counted_not_applied(tokenizer):
-    dm = _data(tokenizer)
-    cb = DynamicHardNegatives(check_every=1, rescore=0, offset=19)   # ranks 19..20 of 20: too short
-    cb.attach(dm.dataset)
-    cb.observe([3], [0.5], step=1)
-    cb.observe([3], [0.1], step=2)
+def _ranking(encoder, query, pool, forbidden, window=(10, 12)):
+    """The clean ranking of `pool` for `query`, computed here: encode, matmul, argsort; checked to
+    be clear of ties around ranks `window` (a swap there would be rounding, not a bug)."""
+    q = torch.from_numpy(encoder.encode([query]))
+    p = torch.from_numpy(encoder.encode(pool))
+    scores = (q @ p.T)[0]
+    order = [j for j in torch.argsort(scores, descending=True).tolist() if pool[j] not in forbidden]
+    lo, hi = window
+    near = scores[order[max(lo - 1, 0):hi + 1]]
+    assert (near[:-1] - near[1:]).min() > 1e-5, "the test data rank too close to call"
+    return [pool[j] for j in order]
+
+
+def _mean_score(encoder, query, negatives):
+    q, p = torch.from_numpy(encoder.encode([query])), torch.from_numpy(encoder.encode(negatives))
+    return float((q @ p.T).mean())
+
+
+@pytest.mark.parametrize("corpus", ["candidates", "all"])
+def test_a_refresh_mines_again_with_the_current_weights_and_resets_s0(tokenizer, corpus):
+    dm, encoder = _data(tokenizer), _encoder(tokenizer)
+    cb = DynamicHardNegatives(check_every=1, rescore=0, candidates="data", corpus=corpus)
+    _attach(cb, dm, encoder)
+    cb.start(step=0)
+    # s0 is measured when the negatives are assigned, with the starting weights
+    for i in range(6):
+        assert cb.initial[i] == pytest.approx(_mean_score(encoder, ROWS[i]["query"], ROWS[i]["neg"]),
+                                              abs=1e-5)
+    assert np.isnan(cb.current).all()
+
+    def pool_of(samples):
+        if corpus == "all":
+            return list(dm.passage_texts)
+        return list(dict.fromkeys(t for i in samples for t in pools[i]))
+
+    pools = {i: ROWS[i]["candidates"] for i in range(6)}
+    _reweight(encoder, seed=1)   # training moved the weights
+    stale = [0, 3]
+    cb.current[stale] = -0.7     # 1.15 · −0.7 < s0 and |−0.7| < 0.8
+    assert should_refresh(cb.initial[stale], cb.current[stale]).all()
+    assert cb.check(step=100) == 2
+    for i in stale:
+        forbidden = {ROWS[i]["query"], *ROWS[i]["pos"]}
+        expected = _ranking(encoder, ROWS[i]["query"], pool_of(stale), forbidden)
+        assert _texts(dm, dm.dataset.neg[i]) == expected[10:12]                # n = 2: ranks 10, 11
+        assert expected[10:12] != ROWS[i]["candidates"][10:12]                 # not the old ranking
+        assert set(_texts(dm, dm.dataset.candidates[i])) == set(expected[:60])  # the new pool
+        # s0 reset to the new negatives' score under the weights of the refresh; s cleared
+        assert cb.initial[i] == pytest.approx(_mean_score(encoder, ROWS[i]["query"], expected[10:12]),
+                                              abs=1e-5)
+        assert np.isnan(cb.current[i])
+        pools[i] = expected[:60]
+    assert _texts(dm, dm.dataset.neg[1]) == ROWS[1]["neg"]                      # not stale: kept
+    assert cb.checks[-1]["pool"] == len(pool_of(stale))
+
+    # the second replacement of sample 0: ranks 12, 13 of a ranking by the weights of that moment
+    _reweight(encoder, seed=2)
+    cb.current[0] = -0.7
+    assert cb.check(step=200) == 1
+    forbidden = {ROWS[0]["query"], *ROWS[0]["pos"]}
+    expected = _ranking(encoder, ROWS[0]["query"], pool_of([0]), forbidden, window=(12, 14))
+    assert _texts(dm, dm.dataset.neg[0]) == expected[12:14]
+    assert cb.initial[0] == pytest.approx(_mean_score(encoder, ROWS[0]["query"], expected[12:14]),
+                                          abs=1e-5)
+    assert cb.window_index.tolist() == [2, 0, 0, 1, 0, 0] and cb.refreshed_total == 3
+
+
+def test_training_steps_update_s_never_s0(tokenizer):
+    dm, encoder = _data(tokenizer), _encoder(tokenizer)
+    cb = DynamicHardNegatives(rescore=0)
+    _attach(cb, dm, encoder)
+    cb.start(step=0)
+    s0 = cb.initial.copy()
+    cb.observe([0, 1], [0.25, -0.5], step=1)
+    cb.observe([0], [0.125], step=2)
+    assert np.array_equal(cb.initial, s0) and cb.current[:2].tolist() == [0.125, -0.5]
+    assert cb.seen_at[:3].tolist() == [2, 1, 0]
+
+
+def test_a_ranking_too_short_for_the_next_window_is_counted_once_and_not_mined_again(tokenizer):
+    dm, encoder = _data(tokenizer), _encoder(tokenizer)
+    cb = DynamicHardNegatives(check_every=1, rescore=0, offset=19, candidate_depth=20)  # 20 − 1 query/pos
+    _attach(cb, dm, encoder)
+    cb.start(step=0)
+    cb.current[3] = -0.7
+    assert cb.check(step=1) == 0 and cb.exhausted == 1 and cb.spent.tolist() == [0, 0, 0, 1, 0, 0]
+    assert _texts(dm, dm.dataset.neg[3]) == ROWS[3]["neg"]
+    cb.current[3] = -0.7
     assert cb.check(step=2) == 0 and cb.exhausted == 1
-    assert _texts(dm, dm.dataset.neg[3]) == ["旧负例3甲", "旧负例3乙"]
+    assert cb.checks[-1] == {"step": 2, "fired": 0, "refreshed": 0, "exhausted": 0, "rescored": 0,
+                             "pool": 0}
 
 
-def _fit(module, dm, cb, max_steps: int) -> None:
+def test_corpus_all_needs_no_pools_and_candidates_data_asks_for_them(tokenizer):
+    rows = [{k: v for k, v in r.items() if k != "candidates"} for r in ROWS]
+    dm, encoder = _data(tokenizer, rows=rows), _encoder(tokenizer)
+    with pytest.raises(ValueError, match="candidates=data needs rows with `candidates`"):
+        cb = DynamicHardNegatives(candidates="data", corpus="candidates")
+        _attach(cb, dm, encoder)
+        cb.start()
+    cb = DynamicHardNegatives(check_every=1, rescore=0, candidates="data", corpus="all", offset=2)
+    _attach(cb, dm, encoder)
+    cb.start()
+    cb.current[2] = -0.7
+    assert cb.check(step=1) == 1
+    expected = _ranking(encoder, rows[2]["query"], list(dm.passage_texts),
+                        {rows[2]["query"], *rows[2]["pos"]}, window=(2, 4))
+    assert _texts(dm, dm.dataset.neg[2]) == expected[2:4]
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        DynamicHardNegatives(corpus="pools")
+
+
+@pytest.mark.parametrize("candidates", ["mine", "data"])
+def test_the_state_round_trips_through_a_weights_only_checkpoint(tokenizer, candidates):
+    dm, encoder = _data(tokenizer), _encoder(tokenizer)
+    cb = DynamicHardNegatives(check_every=1, rescore=0, candidates=candidates)
+    _attach(cb, dm, encoder)
+    cb.start(step=0)
+    _reweight(encoder, seed=1)
+    cb.current[[1, 4]] = -0.7
+    cb.check(step=1)
+    cb.curve.append((1, 0.5, 0.25))
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    buf.seek(0)
+    fresh_dm = _data(tokenizer)
+    fresh = DynamicHardNegatives(check_every=1, rescore=0, candidates=candidates)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    _attach(fresh, fresh_dm, encoder)
+    assert fresh.started     # on_train_start neither re-measures s0 nor re-ranks the pools
+    assert [fresh_dm.dataset.neg[i] for i in range(6)] == [dm.dataset.neg[i] for i in range(6)]
+    assert fresh_dm.dataset.candidates == dm.dataset.candidates             # the pools too
+    for key in ("initial", "current", "seen_at", "window_index", "spent"):
+        assert np.array_equal(getattr(fresh, key), getattr(cb, key), equal_nan=True), key
+    assert fresh.summary() == cb.summary()
+    # both continue alike: the same next round with the same weights
+    for c in (cb, fresh):
+        c.current[[1, 2]] = -0.7
+        c.check(step=2)
+    assert [fresh_dm.dataset.neg[i] for i in range(6)] == [dm.dataset.neg[i] for i in range(6)]
+    with pytest.raises(ValueError, match="DHNM state is version 1"):
+        DynamicHardNegatives().load_state_dict({"window_index": torch.zeros(6, dtype=torch.long)})
+
+
+def _fit(module, dm, cb, max_steps: int, extra=(), ckpt_path=None, **trainer_args) -> pl.Trainer:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=3, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[cb])
+                         enable_checkpointing=bool(extra), enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb, *extra], **trainer_args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_resumed_fit_ends_in_the_state_of_an_uninterrupted_one(tokenizer, tmp_path):
+    from embedkit.checkpointing import AtomicCheckpointIO, RngState, latest_checkpoint, step_checkpoint
+
+    class Killed(pl.Callback):   # the run dies right after its step-4 checkpoint
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 4
+
+    def run(resume=False, killed=False):
+        dm, encoder = _data(tokenizer), _encoder(tokenizer)
+        module = InfoNCE(encoder, lr=5e-3, warmup_ratio=0.0)
+        # ratio 0 and max_abs 2: every sample with s0 > 0 that a step or a re-score saw is stale
+        cb = DynamicHardNegatives(check_every=2, ratio=0.0, max_abs=2.0, rescore=2, candidates="mine")
+        extra = [step_checkpoint(tmp_path, 4), RngState(), *([Killed()] if killed else [])]
+        _fit(module, dm, cb, 6, extra=extra, plugins=[AtomicCheckpointIO()],
+             ckpt_path=str(latest_checkpoint(tmp_path)) if resume else None)
+        return cb, dm
+
+    whole, whole_dm = run()
+    for f in tmp_path.iterdir():
+        f.unlink()
+    run(killed=True)
+    assert latest_checkpoint(tmp_path).name == "step=000004.ckpt"
+    resumed, resumed_dm = run(resume=True)
+    assert whole.refreshed_total > 0 and [c["step"] for c in whole.checks] == [2, 4, 6]
+    assert [resumed_dm.dataset.neg[i] for i in range(6)] == [whole_dm.dataset.neg[i] for i in range(6)]
+    assert resumed_dm.dataset.candidates == whole_dm.dataset.candidates
+    assert resumed.window_index.tolist() == whole.window_index.tolist()
+    for key in ("initial", "current"):
+        np.testing.assert_allclose(getattr(resumed, key), getattr(whole, key), rtol=0, atol=1e-6)
+    assert resumed.checks == whole.checks and len(resumed.curve) == len(whole.curve) == 6
 
 
 def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch(tokenizer):
@@ -115,7 +291,7 @@ def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch
     summary = cb.summary()
     assert len(summary["curve"]) == 6 and [c["step"] for c in summary["checks"]] == [2, 4, 6]
     assert all(c["rescored"] <= 2 for c in summary["checks"]) and summary["checks"][0]["rescored"] == 2
-    assert not np.isnan(cb.initial).any()                     # 6 samples x 2 epochs: all seen
+    assert not np.isnan(cb.current).any()                     # 6 samples x 2 epochs: all seen
     assert summary["refreshed_total"] == 0
     # the step's logged negative score is the batch mean of q·n over the group's negatives
     q, p = module.last_embeddings["query"].detach(), module.last_embeddings["passages"].detach()
@@ -124,22 +300,29 @@ def test_training_tracks_scores_from_its_own_steps_and_rescoring_costs_one_batch
     assert summary["curve"][-1]["neg_score"] == pytest.approx(float(neg), abs=1e-6)
 
 
-def test_dhnm_refuses_in_batch_only_training(tokenizer):
+def test_dhnm_refuses_in_batch_only_training_and_loader_workers(tokenizer):
+    from types import SimpleNamespace
+
     dm = ContrastiveDataModule([lambda: ROWS], batch_size=2, train_group_size=1)
     dm.attach_tokenizer(tokenizer)
     dm.setup()
     with pytest.raises(ValueError, match="train_group_size"):
         DynamicHardNegatives().attach(dm.dataset)
+    dm = _data(tokenizer)
+    dm.num_workers = 2
+    with pytest.raises(ValueError, match="num_workers=2"):
+        DynamicHardNegatives().on_train_start(SimpleNamespace(datamodule=dm, global_step=0),
+                                              SimpleNamespace(encoder=None))
 
 
 def test_checks_run_on_steps_that_trained_another_task(tokenizer):
     from types import SimpleNamespace
 
-    dm = _data(tokenizer)
+    dm, encoder = _data(tokenizer), _encoder(tokenizer)
     cb = DynamicHardNegatives(check_every=5, rescore=0, task="retrieval")
-    cb.attach(dm.dataset)
-    cb.observe([1], [0.5], step=1)
-    cb.observe([1], [0.3], step=2)
+    _attach(cb, dm, encoder)
+    cb.start(step=0)
+    cb.observe([1], [-0.7], step=2)
     logged = {}
     module = SimpleNamespace(last_embeddings={"sts": {}}, log=lambda k, v, **kw: logged.update({k: v}))
     cb.on_train_batch_end(SimpleNamespace(global_step=5, current_epoch=0), module, None,
@@ -150,7 +333,7 @@ def test_checks_run_on_steps_that_trained_another_task(tokenizer):
 def test_gradcache_steps_are_tracked_as_the_plain_steps_are(tokenizer):
     """Under GradCache the step embeds in chunks without grad; it must still leave its embeddings
     for the callback (`last_embeddings`), or DHNM records nothing. Without dropout both runs see
-    the same embeddings up to float32 rounding of the chunked forward, so they record the same s0."""
+    the same embeddings up to float32 rounding of the chunked forward, so they record the same s."""
     runs = {}
     for grad_cache in (None, {"mini_batch": 2}):
         torch.manual_seed(0)
@@ -163,7 +346,7 @@ def test_gradcache_steps_are_tracked_as_the_plain_steps_are(tokenizer):
         runs[grad_cache is not None] = cb
     plain, cached = runs[False], runs[True]
     assert len(cached.curve) == len(plain.curve) == 3
-    assert not np.isnan(cached.initial).any()                  # 3 batches of 2: all 6 samples seen
+    assert not np.isnan(cached.current).any()                  # 3 batches of 2: all 6 samples seen
     # float32 embeddings of unit norm, the same rows in chunks of 2: a few roundings apart
-    np.testing.assert_allclose(cached.initial, plain.initial, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cached.current, plain.current, rtol=0, atol=1e-5)
     np.testing.assert_allclose([c[2] for c in cached.curve], [c[2] for c in plain.curve], rtol=0, atol=1e-5)
