@@ -22,7 +22,7 @@ def test_conan_ablation_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "DHNM and CBB each clearly beat Vanilla" in proc.stdout
+    assert "DHNM and CBB Loss each clearly beat Vanilla" in proc.stdout
     (run_dir,) = (tmp_path / "logs" / "conan_ablation" / "runs").iterdir()
     with open(run_dir / "table.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
