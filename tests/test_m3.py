@@ -392,3 +392,28 @@ def test_eval_targets_variants_and_sparse_dump(tok, cmrc_tasks, tmp_path):
     example = dump["CMRCRetrieval"]["documents"][0]
     assert example["weights"] and all(isinstance(k, str) for k in example["weights"])
     assert "queries" in dump["CMRCReranking"]
+
+
+# ---------------------------------------------------------------- heads from a previous stage
+
+def test_heads_init_loads_the_saved_heads_and_starts_the_missing_ones_fresh(tok, tmp_path):
+    dense_only = M3(_encoder(tok), heads=["dense"])
+    dense_only.save_extras(tmp_path / "dense")
+    torch.manual_seed(7)
+    fresh = M3(_encoder(tok, seed=3)).loss.heads.state_dict()
+    torch.manual_seed(7)
+    after_dense = M3(_encoder(tok, seed=3), heads_init_from=str(tmp_path / "dense")).loss.heads
+    for k, v in after_dense.state_dict().items():   # nothing to load: both heads fresh, cleanly
+        assert torch.equal(v, fresh[k]), k
+    # a folder with only the sparse head: it loads, the multi-vector head starts fresh
+    sparse_only = M3(_encoder(tok), heads=["dense", "sparse"])
+    with torch.no_grad():
+        sparse_only.loss.heads.sparse_linear.weight.fill_(0.5)
+    sparse_only.save_extras(tmp_path / "sparse")
+    torch.manual_seed(7)
+    mixed = M3(_encoder(tok, seed=3), heads_init_from=str(tmp_path / "sparse")).loss.heads
+    assert (mixed.sparse_linear.weight == 0.5).all()
+    assert torch.equal(mixed.colbert_linear.weight, fresh["colbert_linear.weight"])
+    M3(_encoder(tok), colbert_dim=8).save_extras(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="colbert_linear is \\(8, 32\\).*colbert_dim"):
+        M3(_encoder(tok), heads_init_from=str(tmp_path / "narrow"))

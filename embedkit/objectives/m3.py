@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from embedkit.models.encoder import TextEncoder
 from embedkit.models.m3_heads import (
+    HEADS_WEIGHTS,
     M3Heads,
     dense_from_hidden,
     dense_scores,
@@ -155,8 +156,10 @@ class M3Loss(EmbeddingLoss):
             None = sparse, multivec, dense+sparse (1, 0.3), all (0.4, 0.2, 0.4).
         query_instruction: prepended to retrieval / re-ranking queries by the search model (the
             suite's own instruction only reaches the dense MtebEncoder); None: no instruction, as M3.
-        heads_init_from: a folder saved with `save_heads` to start the heads from; fresh heads if
-            it holds none (FlagEmbedding's behaviour when the head files are absent).
+        heads_init_from: a folder saved with `save_heads` to start the heads from. Each head it
+            holds is loaded; a head it lacks (a dense-only stage saves none) or a folder with no
+            heads file starts fresh, as FlagEmbedding does per head file (`sparse_linear.pt`,
+            `colbert_linear.pt`).
         negatives_cross_device: False; True gathers passages over DDP ranks for L_dense only
             (see the module docstring).
         encoder: the encoder the heads are sized on (its hidden size and special tokens).
@@ -206,13 +209,30 @@ class M3Loss(EmbeddingLoss):
                              sparse="sparse" in self.heads_trained,
                              multivec="multivec" in self.heads_trained, colbert_dim=colbert_dim)
         if heads_init_from:
-            if self.heads.load_weights(heads_init_from):
-                log.info("M3 heads initialised from %s", heads_init_from)
-            else:
-                log.info("%s holds no M3 heads; they start fresh", heads_init_from)
+            self._init_heads_from(Path(heads_init_from))
         self._saved_dir: Path | None = None
         self._last_scores: dict[str, torch.Tensor] | None = None
         self._last_terms: dict[str, torch.Tensor] = {}
+
+    def _init_heads_from(self, path: Path) -> None:
+        """Load each head `path` holds into this model's heads; the heads it lacks start fresh."""
+        if not (path / HEADS_WEIGHTS).exists():
+            log.info("%s holds no M3 heads; they start fresh", path)
+            return
+        saved = M3Heads.from_pretrained(path)
+        for head, layer in (("sparse", "sparse_linear"), ("multivec", "colbert_linear")):
+            mine, theirs = getattr(self.heads, layer), getattr(saved, layer)
+            if mine is None:
+                continue
+            if theirs is None:
+                log.info("M3 %s head: %s holds none (not trained there); it starts fresh", head, path)
+                continue
+            if mine.weight.shape != theirs.weight.shape:
+                raise ValueError(f"{path / HEADS_WEIGHTS}: its {layer} is {tuple(theirs.weight.shape)}, "
+                                 f"this model's {tuple(mine.weight.shape)} (objective.colbert_dim, "
+                                 f"or an encoder of another width)")
+            mine.load_state_dict(theirs.state_dict())
+            log.info("M3 %s head initialised from %s", head, path)
 
     # ------------------------------------------------------------------ training
 
