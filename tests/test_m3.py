@@ -509,3 +509,102 @@ def test_preprint_preset_trains_the_plain_sums(tok):
     with torch.no_grad():
         official = M3(_encoder(tok)).loss_from_embeddings(emb, batch)
     assert official.item() != pytest.approx(expected.item(), rel=1e-3)   # the preset matters here
+
+
+# ---------------------------------------------------------------- fix_encoder and the warm-up chain
+
+def _fit(module, steps=2, batch_size=8):
+    import pytorch_lightning as pl
+
+    from embedkit.data.contrastive import ContrastiveDataModule
+
+    rows = [json.loads(line) for line in (DATA / "train" / "cmrc_pairs.jsonl").open(encoding="utf-8")][:32]
+    rows = [{"query": r["query"], "pos": r["pos"], "neg": r.get("neg") or []} for r in rows]
+    data = ContrastiveDataModule([lambda: rows], batch_size=batch_size, train_group_size=2,
+                                 passage_max_len=32)
+    data.attach_tokenizer(module.encoder.tokenizer)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_fix_encoder_steps_only_the_heads(tok, fix):
+    m = M3(_encoder(tok), fix_encoder=fix, lr=1e-2, warmup_ratio=0.0)
+    enc0, heads0 = _state(m.encoder), _state(m.loss.heads)
+    trainer = _fit(m)
+    assert trainer.global_step == 2
+    enc_same = all(torch.equal(enc0[k], v) for k, v in m.encoder.state_dict().items())
+    heads_moved = all(not torch.equal(heads0[k], v) for k, v in m.loss.heads.state_dict().items())
+    assert heads_moved
+    assert enc_same == fix   # the control run (fix=False) moves the encoder with the same steps
+    if fix:
+        optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        assert optimised == {id(p) for p in m.loss.heads.parameters()}
+
+
+def test_fix_encoder_needs_a_head_to_train(tok):
+    with pytest.raises(ValueError, match="fix_encoder=True.*heads=\\['dense'\\]"):
+        M3(_encoder(tok), heads=["dense"], fix_encoder=True)
+
+
+def test_warmup_chain_dense_then_heads_then_unified(tok, tmp_path):
+    """The stages of the heads warm-up through the recipe's own train_stage / build_stage, each
+    initialised from the previous stage's model folder (model.init_from -> heads_init_from)."""
+    from omegaconf import OmegaConf, open_dict
+    from safetensors.torch import load_file
+
+    from embedkit.recipes.train_eval import Examples, build_stage, train_stage
+    from helpers import compose, resolve
+
+    cfg = compose(["+experiment=m3_ablation_selfdistill", "debug=smoke", "~logger", "trainer=cpu",
+                   "data.max_examples=48", "data.batch_size=8", "trainer.max_steps=2"],
+                  return_hydra_config=True)
+    resolve(cfg, str(tmp_path / "hydra"))   # sets the Hydra config the paths interpolate
+    # unresolved, as the recipe's stage configs: heads_init_from follows each stage's init_from
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    examples, texts = Examples().get(base.data)
+    from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+    tokenizer = save_tokenizer(build_char_vocab(texts), tmp_path / "tok")
+
+    def stage(overrides, init_from):
+        s = base.copy()
+        with open_dict(s):
+            for k, v in overrides.items():
+                OmegaConf.update(s, f"objective.{k}", v, merge=False)
+            s.model.init_from = init_from
+        return s
+
+    dense_cfg = stage({"heads": ["dense"]}, None)
+    train_stage(dense_cfg, "dense", tokenizer, examples, tmp_path / "dense")
+    dense_dir = tmp_path / "dense" / "model"
+    assert not M3Heads.from_pretrained(dense_dir).has_sparse   # the dense stage saved no head
+
+    heads_cfg = stage({"fix_encoder": True, "self_distill": False}, str(dense_dir))
+    torch.manual_seed(11)
+    start = build_stage(heads_cfg, tokenizer).loss.heads.state_dict()
+    torch.manual_seed(11)
+    unloaded = build_stage(stage({}, None), tokenizer).loss.heads.state_dict()
+    assert all(torch.equal(v, unloaded[k]) for k, v in start.items())   # fresh heads, no error
+    train_stage(heads_cfg, "heads", tokenizer, examples, tmp_path / "heads")
+    heads_dir = tmp_path / "heads" / "model"
+    before, after = load_file(str(dense_dir / "model.safetensors")), load_file(str(heads_dir / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    warmed = load_file(str(heads_dir / "m3_heads.safetensors"))
+    assert set(warmed) == set(start) and any(not torch.equal(warmed[k], start[k]) for k in start)
+
+    unified_cfg = stage({"self_distill": True}, str(heads_dir))
+    loaded = build_stage(unified_cfg, tokenizer).loss.heads.state_dict()
+    assert all(torch.equal(loaded[k], warmed[k]) for k in warmed)   # the warmed heads, exactly
+    done = train_stage(unified_cfg, "unified", tokenizer, examples, tmp_path / "unified")
+    assert done["record"]["steps"] == 2 and "train/distill" in done["module"].trainer.callback_metrics
+    final = load_file(str(tmp_path / "unified" / "model" / "m3_heads.safetensors"))
+    assert any(not torch.equal(final[k], warmed[k]) for k in warmed)
+    assert any(not torch.equal(v, after[k])
+               for k, v in load_file(str(tmp_path / "unified" / "model" / "model.safetensors")).items())

@@ -46,6 +46,17 @@ the mini C-MTEB tasks are short texts, as MIRACL and MKQA. FlagEmbedding's `comp
 to (1, 1, 1) and its README example uses (0.4, 0.2, 0.4) (this file's earlier default); neither
 is what its evaluations ran.
 
+Heads warm-up (paper App. B.1: about 6,000 steps warming up dense, sparse and multi-vector before
+unified fine-tuning with self-distillation; FlagEmbedding #942: 1 epoch dense, then 1 epoch sparse
++ multi-vector, then 1 epoch unified) as a chain of stages, each initialised from the one before
+(`model.init_from`, which also sets `heads_init_from`):
+  dense:   heads: [dense]                           (FlagEmbedding unified_finetuning=False)
+  heads:   fix_encoder: true, self_distill: false   (unified_finetuning=True, fix_encoder=True, #1074)
+  unified: self_distill: true                       (unified_finetuning=True, use_self_distill=True)
+A head the previous stage did not train (the dense stage saves none) starts fresh; the others load.
+Whether the encoder was frozen in the paper's warm-up is not known (FlagEmbedding #1499, open);
+`fix_encoder` is FlagEmbedding's switch for the heads-only stage.
+
 `embed` returns the dense vectors as "query" / "passages" (as InfoNCE), plus per-token tensors
 ("*_sparse", "*_colbert", ...). Wrapped in Matryoshka, set `truncate_keys: [query, passages]` so
 that only the dense vectors are cut.
@@ -201,6 +212,10 @@ class M3Loss(EmbeddingLoss):
         The w and λ above are the `official` preset's (`weights_from`; the module docstring lists
         the presets and their sources).
 
+        fix_encoder: the same loss, but only the sparse and multi-vector heads are trained; the
+        encoder (and its projection, if any) gets requires_grad False, so L_dense is a constant and
+        L_inter, L_lex, L_mul (and L') reach only the heads.
+
     Paper:
         Chen, Xiao, Zhang, Luo, Lian, Liu, "BGE M3-Embedding: Multi-Lingual, Multi-Functionality,
         Multi-Granularity Text Embeddings Through Self-Knowledge Distillation" (2024,
@@ -233,6 +248,10 @@ class M3Loss(EmbeddingLoss):
             "official" (FlagEmbedding's code, the default), "paper" or "preprint".
         weight_presets: {name: {ensemble_weights, loss_weights, eval_variants}} to pick from;
             None = WEIGHT_PRESETS (conf/objective/m3.yaml passes the same table).
+        fix_encoder: False; True freezes the encoder and trains only the sparse / multi-vector
+            heads (FlagEmbedding's `fix_encoder`: every parameter but `sparse_linear` and
+            `colbert_linear` gets requires_grad False), the heads-only warm-up stage. Dropout stays
+            as the trainer sets it, as there.
         encoder: the encoder the heads are sized on (its hidden size and special tokens).
 
     Batch:
@@ -250,7 +269,8 @@ class M3Loss(EmbeddingLoss):
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
                  negatives_cross_device: bool = False, weights_from: str = DEFAULT_WEIGHTS_FROM,
-                 weight_presets: Mapping[str, Mapping[str, Any]] | None = None):
+                 weight_presets: Mapping[str, Mapping[str, Any]] | None = None,
+                 fix_encoder: bool = False):
         super().__init__()
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
@@ -285,6 +305,13 @@ class M3Loss(EmbeddingLoss):
                              multivec="multivec" in self.heads_trained, colbert_dim=colbert_dim)
         if heads_init_from:
             self._init_heads_from(Path(heads_init_from))
+        self.fix_encoder = bool(fix_encoder)
+        if self.fix_encoder:
+            if not (self.heads.has_sparse or self.heads.has_multivec):
+                raise ValueError(f"fix_encoder=True trains only the sparse and multi-vector heads, "
+                                 f"but heads={list(self.heads_trained)} has neither: nothing would "
+                                 f"train (objective.heads, objective.fix_encoder)")
+            encoder.requires_grad_(False)
         self._saved_dir: Path | None = None
         self._last_scores: dict[str, torch.Tensor] | None = None
         self._last_terms: dict[str, torch.Tensor] = {}
