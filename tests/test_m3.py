@@ -392,3 +392,219 @@ def test_eval_targets_variants_and_sparse_dump(tok, cmrc_tasks, tmp_path):
     example = dump["CMRCRetrieval"]["documents"][0]
     assert example["weights"] and all(isinstance(k, str) for k in example["weights"])
     assert "queries" in dump["CMRCReranking"]
+
+
+# ---------------------------------------------------------------- heads from a previous stage
+
+def test_heads_init_loads_the_saved_heads_and_starts_the_missing_ones_fresh(tok, tmp_path):
+    dense_only = M3(_encoder(tok), heads=["dense"])
+    dense_only.save_extras(tmp_path / "dense")
+    torch.manual_seed(7)
+    fresh = M3(_encoder(tok, seed=3)).loss.heads.state_dict()
+    torch.manual_seed(7)
+    after_dense = M3(_encoder(tok, seed=3), heads_init_from=str(tmp_path / "dense")).loss.heads
+    for k, v in after_dense.state_dict().items():   # nothing to load: both heads fresh, cleanly
+        assert torch.equal(v, fresh[k]), k
+    # a folder with only the sparse head: it loads, the multi-vector head starts fresh
+    sparse_only = M3(_encoder(tok), heads=["dense", "sparse"])
+    with torch.no_grad():
+        sparse_only.loss.heads.sparse_linear.weight.fill_(0.5)
+    sparse_only.save_extras(tmp_path / "sparse")
+    torch.manual_seed(7)
+    mixed = M3(_encoder(tok, seed=3), heads_init_from=str(tmp_path / "sparse")).loss.heads
+    assert (mixed.sparse_linear.weight == 0.5).all()
+    assert torch.equal(mixed.colbert_linear.weight, fresh["colbert_linear.weight"])
+    M3(_encoder(tok), colbert_dim=8).save_extras(tmp_path / "narrow")
+    with pytest.raises(ValueError, match="colbert_linear is \\(8, 32\\).*colbert_dim"):
+        M3(_encoder(tok), heads_init_from=str(tmp_path / "narrow"))
+
+
+# ---------------------------------------------------------------- weight presets
+
+# The numbers as the sources write them (embedkit/objectives/m3.py module docstring):
+# (ensemble w, loss λ, dense+sparse, all), each per (dense, sparse, multivec).
+DOCUMENTED = {
+    # FlagEmbedding modeling.py (ensemble_score, the /4 and /3 sums); research/C_MTEB/MKQA scripts
+    "official": ((1, 0.3, 1), (1, 0.1, 1), (1, 0.3, 0), (1, 0.3, 1)),
+    # ACL Findings 2024 §3.3 (w1..w3, λ1..λ3) and §4.1-4.2 (MIRACL / MKQA hybrids)
+    "paper": ((1, 0.3, 1), (1, 0.1, 1), (1, 0.3, 0), (1, 0.3, 1)),
+    # first preprint: plain sums (§3.2, Eq. 2 and 4, §4.1 footnotes 7-8)
+    "preprint": ((1, 1, 1), (1, 1, 1), (1, 1, 0), (1, 1, 1)),
+}
+
+
+def _as_weights(triple):
+    return dict(zip(("dense", "sparse", "multivec"), (float(x) for x in triple)))
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_weight_presets_resolve_to_the_documented_numbers(tok, name):
+    from hydra.utils import instantiate
+
+    from helpers import compose
+
+    w, lam, dense_sparse, both = DOCUMENTED[name]
+    variants = {"sparse": (0.0, 1.0, 0.0), "multivec": (0.0, 0.0, 1.0),
+                "dense+sparse": tuple(map(float, dense_sparse)), "all": tuple(map(float, both))}
+    built = M3(_encoder(tok), weights_from=name).loss
+    # the yaml (its own table, interpolated into the three keys) builds the same numbers
+    cfg = compose(["objective=m3", f"objective.weights_from={name}"])
+    from_yaml = instantiate(cfg.objective, encoder=_encoder(tok)).loss
+    for loss in (built, from_yaml):
+        assert loss.ensemble_weights == _as_weights(w)
+        assert loss.loss_weights == _as_weights(lam)
+        assert loss.eval_variants == variants
+
+
+def test_the_yaml_presets_are_the_module_table_and_official_is_the_default(tok):
+    from omegaconf import OmegaConf
+
+    from embedkit.objectives.m3 import WEIGHT_PRESETS
+    from helpers import compose
+
+    cfg = compose(["objective=m3"])
+    assert cfg.objective.weights_from == "official"
+    table = OmegaConf.to_container(cfg.objective.weight_presets, resolve=True)
+    as_lists = {name: {**p, "eval_variants": {k: list(v) for k, v in p["eval_variants"].items()}}
+                for name, p in WEIGHT_PRESETS.items()}
+    assert table == as_lists
+    plain = M3(_encoder(tok)).loss
+    assert plain.weights_from == "official" and plain.eval_variants["all"] == (1.0, 0.3, 1.0)
+
+
+def test_explicit_weights_override_the_preset(tok):
+    loss = M3(_encoder(tok), weights_from="preprint", loss_weights={"sparse": 0.5},
+              eval_variants={"all": [0.4, 0.2, 0.4]}).loss
+    assert loss.loss_weights == {"dense": 1.0, "sparse": 0.5, "multivec": 1.0}   # merged per head
+    assert loss.ensemble_weights == {"dense": 1.0, "sparse": 1.0, "multivec": 1.0}
+    assert loss.eval_variants == {"all": (0.4, 0.2, 0.4)}                        # the set replaced
+    with pytest.raises(ValueError, match="weights_from='pape'.*official"):
+        M3(_encoder(tok), weights_from="pape")
+    with pytest.raises(ValueError, match="lacks \\['eval_variants'\\]"):
+        M3(_encoder(tok), weights_from="mine",
+           weight_presets={"mine": {"ensemble_weights": {}, "loss_weights": {}}})
+
+
+def test_preprint_preset_trains_the_plain_sums(tok):
+    # The module's loss under weights_from=preprint against the preprint's formulas written out:
+    # s_inter = s_d + s_l + s_m, L = (L_d + L_inter + L_l + L_m)/4, L' = (L'_d + L'_l + L'_m)/3.
+    m = M3(_encoder(tok), weights_from="preprint")
+    batch = _batch(tok, ["今天天气", "北京"], ["今天天气很好", "公园", "北京是首都", "中国"])
+    with torch.no_grad():
+        emb = m.embed(batch)
+        loss = m.loss_from_embeddings(emb, batch)
+        s = {k: v.double() / 0.02 for k, v in m.loss.scores(emb).items()}
+    t = torch.arange(2) * 2
+    d, x, mv = s["dense"], s["sparse"], s["multivec"]
+    inter = d + x + mv
+    teacher = torch.exp(inter) / torch.exp(inter).sum(-1, keepdim=True)
+
+    def kd(sx):
+        return -(teacher * (sx - torch.log(torch.exp(sx).sum(-1, keepdim=True)))).sum(-1).mean()
+
+    L = (_ce(d, t) + _ce(inter, t) + _ce(x, t) + _ce(mv, t)) / 4
+    expected = (L + (kd(d) + kd(x) + kd(mv)) / 3) / 2
+    # float32 scores / 0.02 through a few log-sum-exps: rel 1e-5
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():
+        official = M3(_encoder(tok)).loss_from_embeddings(emb, batch)
+    assert official.item() != pytest.approx(expected.item(), rel=1e-3)   # the preset matters here
+
+
+# ---------------------------------------------------------------- fix_encoder and the warm-up chain
+
+def _fit(module, steps=2, batch_size=8):
+    import pytorch_lightning as pl
+
+    from embedkit.data.contrastive import ContrastiveDataModule
+
+    rows = [json.loads(line) for line in (DATA / "train" / "cmrc_pairs.jsonl").open(encoding="utf-8")][:32]
+    rows = [{"query": r["query"], "pos": r["pos"], "neg": r.get("neg") or []} for r in rows]
+    data = ContrastiveDataModule([lambda: rows], batch_size=batch_size, train_group_size=2,
+                                 passage_max_len=32)
+    data.attach_tokenizer(module.encoder.tokenizer)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_fix_encoder_steps_only_the_heads(tok, fix):
+    m = M3(_encoder(tok), fix_encoder=fix, lr=1e-2, warmup_ratio=0.0)
+    enc0, heads0 = _state(m.encoder), _state(m.loss.heads)
+    trainer = _fit(m)
+    assert trainer.global_step == 2
+    enc_same = all(torch.equal(enc0[k], v) for k, v in m.encoder.state_dict().items())
+    heads_moved = all(not torch.equal(heads0[k], v) for k, v in m.loss.heads.state_dict().items())
+    assert heads_moved
+    assert enc_same == fix   # the control run (fix=False) moves the encoder with the same steps
+    if fix:
+        optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+        assert optimised == {id(p) for p in m.loss.heads.parameters()}
+
+
+def test_fix_encoder_needs_a_head_to_train(tok):
+    with pytest.raises(ValueError, match="fix_encoder=True.*heads=\\['dense'\\]"):
+        M3(_encoder(tok), heads=["dense"], fix_encoder=True)
+
+
+def test_warmup_chain_dense_then_heads_then_unified(tok, tmp_path):
+    """The stages of the heads warm-up through the recipe's own train_stage / build_stage, each
+    initialised from the previous stage's model folder (model.init_from -> heads_init_from)."""
+    from omegaconf import OmegaConf, open_dict
+    from safetensors.torch import load_file
+
+    from embedkit.recipes.train_eval import Examples, build_stage, train_stage
+    from helpers import compose, resolve
+
+    cfg = compose(["+experiment=m3_ablation_selfdistill", "debug=smoke", "~logger", "trainer=cpu",
+                   "data.max_examples=48", "data.batch_size=8", "trainer.max_steps=2"],
+                  return_hydra_config=True)
+    resolve(cfg, str(tmp_path / "hydra"))   # sets the Hydra config the paths interpolate
+    # unresolved, as the recipe's stage configs: heads_init_from follows each stage's init_from
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    examples, texts = Examples().get(base.data)
+    from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+    tokenizer = save_tokenizer(build_char_vocab(texts), tmp_path / "tok")
+
+    def stage(overrides, init_from):
+        s = base.copy()
+        with open_dict(s):
+            for k, v in overrides.items():
+                OmegaConf.update(s, f"objective.{k}", v, merge=False)
+            s.model.init_from = init_from
+        return s
+
+    dense_cfg = stage({"heads": ["dense"]}, None)
+    train_stage(dense_cfg, "dense", tokenizer, examples, tmp_path / "dense")
+    dense_dir = tmp_path / "dense" / "model"
+    assert not M3Heads.from_pretrained(dense_dir).has_sparse   # the dense stage saved no head
+
+    heads_cfg = stage({"fix_encoder": True, "self_distill": False}, str(dense_dir))
+    torch.manual_seed(11)
+    start = build_stage(heads_cfg, tokenizer).loss.heads.state_dict()
+    torch.manual_seed(11)
+    unloaded = build_stage(stage({}, None), tokenizer).loss.heads.state_dict()
+    assert all(torch.equal(v, unloaded[k]) for k, v in start.items())   # fresh heads, no error
+    train_stage(heads_cfg, "heads", tokenizer, examples, tmp_path / "heads")
+    heads_dir = tmp_path / "heads" / "model"
+    before, after = load_file(str(dense_dir / "model.safetensors")), load_file(str(heads_dir / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    warmed = load_file(str(heads_dir / "m3_heads.safetensors"))
+    assert set(warmed) == set(start) and any(not torch.equal(warmed[k], start[k]) for k in start)
+
+    unified_cfg = stage({"self_distill": True}, str(heads_dir))
+    loaded = build_stage(unified_cfg, tokenizer).loss.heads.state_dict()
+    assert all(torch.equal(loaded[k], warmed[k]) for k in warmed)   # the warmed heads, exactly
+    done = train_stage(unified_cfg, "unified", tokenizer, examples, tmp_path / "unified")
+    assert done["record"]["steps"] == 2 and "train/distill" in done["module"].trainer.callback_metrics
+    final = load_file(str(tmp_path / "unified" / "model" / "m3_heads.safetensors"))
+    assert any(not torch.equal(final[k], warmed[k]) for k in warmed)
+    assert any(not torch.equal(v, after[k])
+               for k, v in load_file(str(tmp_path / "unified" / "model" / "model.safetensors")).items())

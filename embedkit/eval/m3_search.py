@@ -6,7 +6,9 @@ baseline does. `M3Search` implements that protocol for one weighting of M3's thr
 
     s_rank = w1·s_dense + w2·s_lex + w3·s_mul        (FlagEmbedding docs, bge_m3.rst)
 
-e.g. (0, 1, 0) for sparse only, (1, 0.3, 0) for dense+sparse, (0.4, 0.2, 0.4) for all three.
+e.g. (0, 1, 0) for sparse only, (1, 0.3, 0) for dense+sparse and (1, 0.3, 1) for all three
+(FlagEmbedding's MKQA scripts and the paper's MIRACL / MKQA runs; embedkit/objectives/m3.py
+WEIGHT_PRESETS).
 FlagEmbedding's `compute_score` also divides by w1 + w2 + w3, which does not change a ranking, so
 it is left out. Search is exhaustive: every query is scored against the whole corpus with every
 weighted head (FlagEmbedding's MKQA/MLDR scripts instead re-score a dense top-k with multi-vector,

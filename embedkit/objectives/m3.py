@@ -19,10 +19,43 @@ The external-teacher "m3_kd_loss" (reranker scores in the data) is not implement
 Evaluation (`eval_targets`): the dense encoder on the whole suite (label ""), then the retrieval
 modes on the suite's Retrieval and Reranking tasks through an mteb search model
 (embedkit/eval/m3_search.py): "sparse", "multivec", "dense+sparse" and "all", each a weighted sum
-w1·dense + w2·sparse + w3·multi-vector. Defaults: "all" = [0.4, 0.2, 0.4], the BGE-M3 README's
-example of `compute_score` weights; "dense+sparse" = (1, 0.3), as FlagEmbedding's MKQA evaluation
-(`research/C_MTEB/MKQA`, reference §4.5). A mode needing a head that was not trained is skipped.
+w1·dense + w2·sparse + w3·multi-vector. A mode needing a head that was not trained is skipped.
 The heads are saved beside the encoder (`save_extras` → `save_heads`).
+
+Weights (`weights_from`, WEIGHT_PRESETS): the ensemble weights w of s_inter, the loss weights λ
+and the eval modes' hybrid weights come as one named preset; a value given explicitly overrides it.
+  official (default): FlagEmbedding's code. w = (1, 0.3, 1) and λ = (1, 0.1, 1) hard-coded in
+      `research/BGE_M3/modeling.py` and `finetune/embedder/encoder_only/m3/modeling.py`
+      (`ensemble_score`, the /4 and /3 sums); dense+sparse (1, 0.3, 0) and all (1, 0.3, 1), the
+      weights of `research/C_MTEB/MKQA` (`hybrid_retrieval/step0-hybrid_search_results.py`,
+      `multi_vector_rerank/step0-rerank_results.py`).
+  paper: the published paper (ACL Findings 2024 = arXiv:2402.03216 v3 on, "M3-Embedding:
+      Multi-Linguality, ..."). §3.3 sets w1 = 1, w2 = 0.3, w3 = 1 and λ1 = 1, λ2 = 0.1, λ3 = 1 for
+      training (Eq. 3, 4, 6); §4.1-4.2 evaluate MIRACL and MKQA with Dense+Sparse (1, 0.3, 0) and
+      All (1, 0.3, 1) in Eq. 1. The same numbers as `official`.
+  preprint: the first preprint ("BGE M3-Embedding: Multi-Lingual, ...", the PDF FlagEmbedding ships
+      as `research/BGE_M3/BGE_M3.pdf`). Plain sums throughout: s_rank = s_dense + s_lex + s_mul
+      (§3.2; footnotes 7-8: Dense+Sparse and All re-rank by "the sum" of the scores), s_inter the
+      same sum (Eq. 2), L' = (L'_dense + L'_lex + L'_mul)/3 (Eq. 4): w = λ = (1, 1, 1). It does
+      not write how the heads' L combine and writes L_final = L + L' (not halved); the
+      normalisation below is kept, a constant factor of the loss.
+The default is the official code: it trained the released BAAI/bge-m3, and it fixes every number
+(the published paper agrees with it; the preprint's plain sums were revised away). The MLDR
+(long-document) weights of §4.3 (dense+sparse 0.2, 0.8; all 0.15, 0.5, 0.35) are not a preset:
+the mini C-MTEB tasks are short texts, as MIRACL and MKQA. FlagEmbedding's `compute_score` defaults
+to (1, 1, 1) and its README example uses (0.4, 0.2, 0.4) (this file's earlier default); neither
+is what its evaluations ran.
+
+Heads warm-up (paper App. B.1: about 6,000 steps warming up dense, sparse and multi-vector before
+unified fine-tuning with self-distillation; FlagEmbedding #942: 1 epoch dense, then 1 epoch sparse
++ multi-vector, then 1 epoch unified) as a chain of stages, each initialised from the one before
+(`model.init_from`, which also sets `heads_init_from`):
+  dense:   heads: [dense]                           (FlagEmbedding unified_finetuning=False)
+  heads:   fix_encoder: true, self_distill: false   (unified_finetuning=True, fix_encoder=True, #1074)
+  unified: self_distill: true                       (unified_finetuning=True, use_self_distill=True)
+A head the previous stage did not train (the dense stage saves none) starts fresh; the others load.
+Whether the encoder was frozen in the paper's warm-up is not known (FlagEmbedding #1499, open);
+`fix_encoder` is FlagEmbedding's switch for the heads-only stage.
 
 `embed` returns the dense vectors as "query" / "passages" (as InfoNCE), plus per-token tensors
 ("*_sparse", "*_colbert", ...). Wrapped in Matryoshka, set `truncate_keys: [query, passages]` so
@@ -34,13 +67,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from embedkit.models.encoder import TextEncoder
 from embedkit.models.m3_heads import (
+    HEADS_WEIGHTS,
     M3Heads,
     dense_from_hidden,
     dense_scores,
@@ -53,15 +87,33 @@ from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 log = logging.getLogger(__name__)
 
 HEADS = ("dense", "sparse", "multivec")
-DEFAULT_ENSEMBLE_WEIGHTS = {"dense": 1.0, "sparse": 0.3, "multivec": 1.0}
-DEFAULT_LOSS_WEIGHTS = {"dense": 1.0, "sparse": 0.1, "multivec": 1.0}
-# label -> (w_dense, w_sparse, w_multivec) of the eval-time hybrid score
-DEFAULT_EVAL_VARIANTS = {
-    "sparse": (0.0, 1.0, 0.0),
-    "multivec": (0.0, 0.0, 1.0),
-    "dense+sparse": (1.0, 0.3, 0.0),   # FlagEmbedding research/C_MTEB/MKQA
-    "all": (0.4, 0.2, 0.4),            # BGE-M3 README example of compute_score weights
+PRESET_KEYS = ("ensemble_weights", "loss_weights", "eval_variants")
+# name -> the three weight settings; sources in the module docstring. Eval variants: label ->
+# (w_dense, w_sparse, w_multivec) of the eval-time hybrid score.
+WEIGHT_PRESETS = {
+    "official": {   # FlagEmbedding's code and its MKQA evaluation scripts
+        "ensemble_weights": {"dense": 1.0, "sparse": 0.3, "multivec": 1.0},
+        "loss_weights": {"dense": 1.0, "sparse": 0.1, "multivec": 1.0},
+        "eval_variants": {"sparse": (0.0, 1.0, 0.0), "multivec": (0.0, 0.0, 1.0),
+                          "dense+sparse": (1.0, 0.3, 0.0), "all": (1.0, 0.3, 1.0)},
+    },
+    "paper": {      # ACL Findings 2024 (arXiv v3 on) §3.3 and §4.1-4.2
+        "ensemble_weights": {"dense": 1.0, "sparse": 0.3, "multivec": 1.0},
+        "loss_weights": {"dense": 1.0, "sparse": 0.1, "multivec": 1.0},
+        "eval_variants": {"sparse": (0.0, 1.0, 0.0), "multivec": (0.0, 0.0, 1.0),
+                          "dense+sparse": (1.0, 0.3, 0.0), "all": (1.0, 0.3, 1.0)},
+    },
+    "preprint": {   # the first preprint: plain sums (§3.2, Eq. 2 and 4, §4.1 footnotes 7-8)
+        "ensemble_weights": {"dense": 1.0, "sparse": 1.0, "multivec": 1.0},
+        "loss_weights": {"dense": 1.0, "sparse": 1.0, "multivec": 1.0},
+        "eval_variants": {"sparse": (0.0, 1.0, 0.0), "multivec": (0.0, 0.0, 1.0),
+                          "dense+sparse": (1.0, 1.0, 0.0), "all": (1.0, 1.0, 1.0)},
+    },
 }
+DEFAULT_WEIGHTS_FROM = "official"
+DEFAULT_ENSEMBLE_WEIGHTS = WEIGHT_PRESETS[DEFAULT_WEIGHTS_FROM]["ensemble_weights"]
+DEFAULT_LOSS_WEIGHTS = WEIGHT_PRESETS[DEFAULT_WEIGHTS_FROM]["loss_weights"]
+DEFAULT_EVAL_VARIANTS = WEIGHT_PRESETS[DEFAULT_WEIGHTS_FROM]["eval_variants"]
 EVAL_TASK_TYPES = ("Retrieval", "Reranking")
 
 
@@ -71,6 +123,28 @@ def _check_heads(heads: Sequence[str]) -> tuple[str, ...]:
     if unknown or not heads:
         raise ValueError(f"heads must be a non-empty subset of {list(HEADS)}, got {list(heads)}")
     return tuple(h for h in HEADS if h in heads)
+
+
+def _plain(value):
+    """Plain Python for an OmegaConf node (Hydra passes nested config values as nodes)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def weight_preset(weights_from: str, presets: Mapping[str, Mapping] | None = None) -> dict:
+    """The preset `weights_from` names: {"ensemble_weights", "loss_weights", "eval_variants"}, from
+    `presets` (None: WEIGHT_PRESETS)."""
+    presets = WEIGHT_PRESETS if presets is None else _plain(presets)
+    if weights_from not in presets:
+        raise ValueError(f"weights_from={weights_from!r} is not a weight preset; choose one of "
+                         f"{list(presets)} (objective.weights_from)")
+    preset = _plain(presets[weights_from])
+    missing = [k for k in PRESET_KEYS if k not in (preset or {})]
+    if missing:
+        raise ValueError(f"weight preset {weights_from!r} lacks {missing} "
+                         f"(objective.weight_presets.{weights_from} needs {list(PRESET_KEYS)})")
+    return preset
 
 
 def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: float,
@@ -135,6 +209,12 @@ class M3Loss(EmbeddingLoss):
 
         With k trained heads, s_inter sums them, L divides by k + 1 and L' by k. With a single
         head, L = L_head (the ensemble would be the head itself) and there is no self-distillation.
+        The w and λ above are the `official` preset's (`weights_from`; the module docstring lists
+        the presets and their sources).
+
+        fix_encoder: the same loss, but only the sparse and multi-vector heads are trained; the
+        encoder (and its projection, if any) gets requires_grad False, so L_dense is a constant and
+        L_inter, L_lex, L_mul (and L') reach only the heads.
 
     Paper:
         Chen, Xiao, Zhang, Luo, Lian, Liu, "BGE M3-Embedding: Multi-Lingual, Multi-Functionality,
@@ -147,18 +227,31 @@ class M3Loss(EmbeddingLoss):
         self_distill: L' on (True) or off.
         self_distill_start_step: the optimiser step from which L' is on (0; FlagEmbedding's
             `self_distill_start_step`).
-        ensemble_weights: w of s_inter per head (1 / 0.3 / 1, FlagEmbedding's `ensemble_score`).
-        loss_weights: λ of each head in L and L' (1 / 0.1 / 1, hard-coded in FlagEmbedding's loss).
+        ensemble_weights: w of s_inter per head; None = the preset's, a mapping overrides the
+            preset per head (official: 1 / 0.3 / 1, FlagEmbedding's `ensemble_score`).
+        loss_weights: λ of each head in L and L'; None = the preset's, a mapping overrides per head
+            (official: 1 / 0.1 / 1, hard-coded in FlagEmbedding's loss).
         colbert_dim: output width of the multi-vector head; None or −1 = the hidden size
             (FlagEmbedding's default).
         eval_variants: {label: [w_dense, w_sparse, w_multivec]} of the retrieval modes to evaluate;
-            None = sparse, multivec, dense+sparse (1, 0.3), all (0.4, 0.2, 0.4).
+            None = the preset's (official: sparse, multivec, dense+sparse (1, 0.3, 0), all
+            (1, 0.3, 1)); a mapping replaces that set of modes.
         query_instruction: prepended to retrieval / re-ranking queries by the search model (the
             suite's own instruction only reaches the dense MtebEncoder); None: no instruction, as M3.
-        heads_init_from: a folder saved with `save_heads` to start the heads from; fresh heads if
-            it holds none (FlagEmbedding's behaviour when the head files are absent).
+        heads_init_from: a folder saved with `save_heads` to start the heads from. Each head it
+            holds is loaded; a head it lacks (a dense-only stage saves none) or a folder with no
+            heads file starts fresh, as FlagEmbedding does per head file (`sparse_linear.pt`,
+            `colbert_linear.pt`).
         negatives_cross_device: False; True gathers passages over DDP ranks for L_dense only
             (see the module docstring).
+        weights_from: the preset that fills ensemble_weights, loss_weights and eval_variants:
+            "official" (FlagEmbedding's code, the default), "paper" or "preprint".
+        weight_presets: {name: {ensemble_weights, loss_weights, eval_variants}} to pick from;
+            None = WEIGHT_PRESETS (conf/objective/m3.yaml passes the same table).
+        fix_encoder: False; True freezes the encoder and trains only the sparse / multi-vector
+            heads (FlagEmbedding's `fix_encoder`: every parameter but `sparse_linear` and
+            `colbert_linear` gets requires_grad False), the heads-only warm-up stage. Dropout stays
+            as the trainer sets it, as there.
         encoder: the encoder the heads are sized on (its hidden size and special tokens).
 
     Batch:
@@ -175,7 +268,9 @@ class M3Loss(EmbeddingLoss):
                  colbert_dim: int | None = None,
                  eval_variants: Mapping[str, Sequence[float]] | None = None,
                  query_instruction: str | None = None, heads_init_from: str | None = None,
-                 negatives_cross_device: bool = False):
+                 negatives_cross_device: bool = False, weights_from: str = DEFAULT_WEIGHTS_FROM,
+                 weight_presets: Mapping[str, Mapping[str, Any]] | None = None,
+                 fix_encoder: bool = False):
         super().__init__()
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
@@ -184,13 +279,16 @@ class M3Loss(EmbeddingLoss):
         self.self_distill = bool(self_distill)
         self.self_distill_start_step = int(self_distill_start_step)
         self.negatives_cross_device = bool(negatives_cross_device)
-        self.ensemble_weights = {**DEFAULT_ENSEMBLE_WEIGHTS, **dict(ensemble_weights or {})}
-        self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **dict(loss_weights or {})}
-        for name, weights in (("ensemble_weights", self.ensemble_weights),
-                              ("loss_weights", self.loss_weights)):
+        self.weights_from = str(weights_from)
+        preset = weight_preset(self.weights_from, weight_presets)
+        merged = {}
+        for name, given in (("ensemble_weights", ensemble_weights), ("loss_weights", loss_weights)):
+            weights = {**preset[name], **dict(_plain(given) or {})}   # given keys override the preset
             if set(weights) - set(HEADS):
                 raise ValueError(f"{name} keys must be among {list(HEADS)}, got {list(weights)}")
-        variants = DEFAULT_EVAL_VARIANTS if eval_variants is None else eval_variants
+            merged[name] = {h: float(w) for h, w in weights.items()}
+        self.ensemble_weights, self.loss_weights = merged["ensemble_weights"], merged["loss_weights"]
+        variants = preset["eval_variants"] if eval_variants is None else _plain(eval_variants)
         self.eval_variants = {}
         for label, w in dict(variants).items():
             w = tuple(float(x) for x in w)
@@ -206,13 +304,37 @@ class M3Loss(EmbeddingLoss):
                              sparse="sparse" in self.heads_trained,
                              multivec="multivec" in self.heads_trained, colbert_dim=colbert_dim)
         if heads_init_from:
-            if self.heads.load_weights(heads_init_from):
-                log.info("M3 heads initialised from %s", heads_init_from)
-            else:
-                log.info("%s holds no M3 heads; they start fresh", heads_init_from)
+            self._init_heads_from(Path(heads_init_from))
+        self.fix_encoder = bool(fix_encoder)
+        if self.fix_encoder:
+            if not (self.heads.has_sparse or self.heads.has_multivec):
+                raise ValueError(f"fix_encoder=True trains only the sparse and multi-vector heads, "
+                                 f"but heads={list(self.heads_trained)} has neither: nothing would "
+                                 f"train (objective.heads, objective.fix_encoder)")
+            encoder.requires_grad_(False)
         self._saved_dir: Path | None = None
         self._last_scores: dict[str, torch.Tensor] | None = None
         self._last_terms: dict[str, torch.Tensor] = {}
+
+    def _init_heads_from(self, path: Path) -> None:
+        """Load each head `path` holds into this model's heads; the heads it lacks start fresh."""
+        if not (path / HEADS_WEIGHTS).exists():
+            log.info("%s holds no M3 heads; they start fresh", path)
+            return
+        saved = M3Heads.from_pretrained(path)
+        for head, layer in (("sparse", "sparse_linear"), ("multivec", "colbert_linear")):
+            mine, theirs = getattr(self.heads, layer), getattr(saved, layer)
+            if mine is None:
+                continue
+            if theirs is None:
+                log.info("M3 %s head: %s holds none (not trained there); it starts fresh", head, path)
+                continue
+            if mine.weight.shape != theirs.weight.shape:
+                raise ValueError(f"{path / HEADS_WEIGHTS}: its {layer} is {tuple(theirs.weight.shape)}, "
+                                 f"this model's {tuple(mine.weight.shape)} (objective.colbert_dim, "
+                                 f"or an encoder of another width)")
+            mine.load_state_dict(theirs.state_dict())
+            log.info("M3 %s head initialised from %s", head, path)
 
     # ------------------------------------------------------------------ training
 
