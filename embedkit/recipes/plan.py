@@ -200,8 +200,11 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
         lines.append((prefix + "decoder", f"query stream {get(obj, 'query_stream', '-')}, MLM head "
                                           + ("the checkpoint's own" if head == "from_model" else f"from {head}" if head else "fresh")))
     if target == "M3":
-        lines.append((prefix + "M3 heads", f"{fmt(get(obj, 'heads'))}, self-distillation "
-                      f"{fmt(bool(get(obj, 'self_distill', False)))}"))
+        heads = get(obj, "heads") or []
+        lines.append((prefix + "M3 heads", f"{fmt(heads)}, self-distillation "
+                      f"{fmt(bool(get(obj, 'self_distill', False)) and len(heads) > 1)}"
+                      + (", encoder frozen (heads only)" if get(obj, "fix_encoder") else "")
+                      + f"; weights from {get(obj, 'weights_from', 'official')}"))
         lines.append((prefix + "loss weights", fmt(get(obj, "loss_weights"))))
         lines.append((prefix + "ensemble weights", fmt(get(obj, "ensemble_weights"))))
     lengths = {k: get(data, k) for k in ("query_max_len", "passage_max_len", "max_len") if get(data, k) is not None}
