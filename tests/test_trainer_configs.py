@@ -135,18 +135,23 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_and_without_gradca
 
 
 def test_paper_scale_19200_row_with_gradcache_composes():
-    """The GradCache row of C-Pack Table 4: 19,200 on one node, cross-device negatives on."""
+    """The GradCache row of C-Pack Table 4: 19,200 on one node, cross-device negatives on, as the
+    general stage of a BGE-pretrain chain (conf/recipe/bge.yaml)."""
     cfg = _compose(["+experiment=bge_ablation_batchsize_gradcache", "scale=paper"])
     resolved = _resolve(cfg)
-    assert resolved["objective"]["negatives_cross_device"] is True
     rows = resolved["ablation"]["rows"]["paper"]
-    gc_row = rows[-1]["overrides"]
-    assert gc_row["data.batch_size"] * gc_row["trainer.devices"] * gc_row["trainer.num_nodes"] == 19200
-    assert gc_row["objective.grad_cache"] == {"mini_batch": 128}
-    from embedkit.recipes.rows import row_config
+    gc_row = rows[-1]
+    assert gc_row["stages"] == ["pretrain", "general"]
+    o = gc_row["overrides"]
+    assert (o["stages.general.data.batch_size"] * o["stages.general.trainer.devices"]
+            * o["stages.general.trainer.num_nodes"]) == 19200
+    assert o["stages.general.objective.grad_cache"] == {"mini_batch": 128}
+    from embedkit.recipes.rows import row_config, stage_config
 
-    cfg = row_config(cfg, gc_row)   # as the recipe applies a row
-    objective = instantiate(cfg.objective, encoder=None, _partial_=True)
+    stage = stage_config(row_config(cfg, o), "general", None)   # as the recipe builds the row's stage
+    assert stage.objective.negatives_cross_device is True
+    assert stage.trainer.devices == 8 and stage.trainer.num_nodes == 1
+    objective = instantiate(stage.objective, encoder=None, _partial_=True)
     assert objective.keywords["grad_cache"]["mini_batch"] == 128
     # The mini rows are bge_ablation_batchsize's (the full mini run stays within its budget).
     base = _resolve(_compose(["+experiment=bge_ablation_batchsize"]))
