@@ -65,3 +65,30 @@ def test_cmrc_batches_hold_no_shared_passage(no_duplicates):
         assert len(sampler) >= len(rows) // 32 - 2   # packing loses at most a few partial batches
     else:
         assert shared > 0   # CMRC rows share passages: the plain sampler does put them together
+
+
+def _rescan_reference(order, keys, size):
+    """The packing as first written: rescan every remaining row from the start for each batch."""
+    remaining = dict.fromkeys(int(i) for i in order)
+    batches = []
+    while remaining:
+        batch, seen = [], set()
+        for idx in remaining:
+            if seen.isdisjoint(keys[idx]):
+                batch.append(idx)
+                seen.update(keys[idx])
+                if len(batch) == size:
+                    break
+        for idx in batch:
+            del remaining[idx]
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("texts", [12, 40, 400])
+def test_deferred_rows_packing_equals_the_rescan(texts):
+    rng = np.random.default_rng(texts)
+    keys = [frozenset(rng.integers(0, texts, size=rng.integers(1, 4)).tolist()) for _ in range(300)]
+    order = rng.permutation(300)
+    got = [b.tolist() for b in pack_without_duplicates(order, keys, 6)]
+    assert got == _rescan_reference(order, keys, 6)

@@ -7,7 +7,9 @@ training set, the same back-fill FlagEmbedding's miner uses. Passages are flatte
 `i * train_group_size` is query i's positive, which is what the InfoNCE target assumes.
 
 Every text is tokenised once and cached on disk, keyed by the tokenizer and the texts, so a sweep
-tokenises once. Batches are padded to their own longest row, and `group_by_length` sorts rows by
+tokenises once. `store` says where rows live: `memory` reads them into Python lists (the zh-mini
+default), `arrow` keeps them in a memory-mapped on-disk store built once and shared by every rank
+(embedkit/data/store.py), for C-MTP's ~100M pairs; both give the same batches. Batches are padded to their own longest row, and `group_by_length` sorts rows by
 length inside shuffled mega-batches to cut padding further (embedkit/data/batching.py, shared with
 the STS and RetroMAE data). Everything is a pure function of the seed and the epoch: two runs with
 the same seed see the same batches.
@@ -43,6 +45,16 @@ class GroupDataset(Dataset):
         # A mined ranking per example (`candidates`, embedkit/mining/ann.py), from which dynamic
         # hard-negative mining (embedkit/mining/dynamic.py) replaces `neg` during training.
         self.candidates = [[passage_index[c] for c in ex.get("candidates", ())] for ex in examples]
+
+    @classmethod
+    def from_store(cls, store, train_group_size: int, seed: int) -> "GroupDataset":
+        """The same dataset over a TokenStore (embedkit/data/store.py): passage ids per row are
+        read from its memory-mapped arrays when a row is drawn."""
+        self = cls.__new__(cls)
+        self.queries, self.passages = store.queries, store.passages
+        self.group_size, self.seed = train_group_size, seed
+        self.pos, self.neg, self.candidates = store.pos(), store.neg(), store.candidates()
+        return self
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -94,14 +106,15 @@ class ContrastiveDataModule(TextDataModule):
     # How rows are grouped, cut and instructed, not which are read (`examples_key`).
     serving_args = TextDataModule.serving_args | {
         "train_group_size", "query_max_len", "passage_max_len", "query_instruction",
-        "group_by_length", "no_duplicates"}
+        "group_by_length", "no_duplicates", "store_num_proc"}
 
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  train_group_size: int = 1, query_max_len: int = 32, passage_max_len: int = 128,
                  query_instruction: str | None = None, group_by_length: bool = True,
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
                  max_examples: int | None = None, on_bad_row: str = "error",
-                 no_duplicates: bool = False):
+                 no_duplicates: bool = False, store: str = "memory",
+                 store_num_proc: int | None = None):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if train_group_size < 1:
@@ -112,7 +125,27 @@ class ContrastiveDataModule(TextDataModule):
         self.query_instruction = query_instruction or ""
         self.group_by_length = group_by_length
         self.no_duplicates = no_duplicates
+        from embedkit.data.store import STORES
+
+        if store not in STORES:
+            raise ValueError(f"data.store must be one of {STORES}, got {store!r}")
+        # `store` is part of examples_key: a store's rows are a StoreRows, not a list to share.
+        self.store = store
+        self.store_num_proc = store_num_proc
+        self.token_store = None
         self.dataset: GroupDataset | None = None
+
+    @property
+    def examples(self):
+        if self.store == "memory" or self._examples is not None:
+            return super().examples
+        from embedkit.data.store import open_rows
+
+        rows = open_rows(self.sources, self.cache_dir, self.on_bad_row, self.max_examples, self.seed)
+        for path, bad in rows.bad_rows.items():
+            self.bad_rows.setdefault(path, []).extend(bad)
+        self._examples = rows
+        return rows
 
     def texts_of(self, example: dict) -> list[str]:
         return [example["query"], *example["pos"], *example.get("neg", ())]
@@ -126,6 +159,8 @@ class ContrastiveDataModule(TextDataModule):
             return
         if self.tokenizer is None:
             raise RuntimeError("call attach_tokenizer(tokenizer) before setup()")
+        if self.store == "arrow":
+            return self._setup_store()
         passage_index: dict[str, int] = {}
         for ex in self.examples:
             for text in (*ex["pos"], *ex.get("neg", ()), *ex.get("candidates", ())):
@@ -143,19 +178,43 @@ class ContrastiveDataModule(TextDataModule):
         log.info("contrastive data: %d examples, %d unique passages, group size %d",
                  len(self.dataset), len(passages), self.train_group_size)
 
+    def _setup_store(self) -> None:
+        from embedkit.data.store import StoreRows, open_tokens
+
+        rows = self.examples
+        if not isinstance(rows, StoreRows):
+            raise TypeError("data.store=arrow serves the rows of its own store; use_examples() was "
+                            "given a list (share rows only between modules of the same store)")
+        self.token_store = open_tokens(rows, self.tokenizer, self.query_max_len, self.passage_max_len,
+                                       self.query_instruction, self.store_num_proc)
+        passages = self.token_store.passages
+        if self.train_group_size > len(passages):
+            raise ValueError(f"train_group_size {self.train_group_size} exceeds the "
+                             f"{len(passages)} distinct training passages")
+        self.passage_texts = StorePassageTexts(rows, self.token_store)
+        self.dataset = GroupDataset.from_store(self.token_store, self.train_group_size, self.seed)
+        log.info("contrastive data (store %s): %d examples, %d unique passages, group size %d",
+                 self.token_store.folder, len(self.dataset), len(passages), self.train_group_size)
+
     def batch_sampler(self) -> GroupBatchSampler:
         ds = self.dataset
-        first_pos = np.array([p[0] for p in ds.pos])
+        if self.token_store is not None:
+            first_pos = self.token_store.first_pos()
+        else:
+            first_pos = np.array([p[0] for p in ds.pos])
         sampler = self.group_batch_sampler(ds.queries.lengths() + ds.passages.lengths()[first_pos],
                                            self.group_by_length)
         if self.no_duplicates:
             sampler.keys = self.duplicate_keys()
         return sampler
 
-    def duplicate_keys(self) -> list[frozenset]:
+    def duplicate_keys(self):
         """Per example, the ids of the texts that must not repeat within a batch: its query and
         its positives (a shared positive is an in-batch false negative). Hard negatives are left
-        out: the same mined negative in two groups is a true negative for both rows."""
+        out: the same mined negative in two groups is a true negative for both rows. From the
+        store, the ids are the texts' 64-bit hashes (sentence-transformers' NO_DUPLICATES_HASHED)."""
+        if self.token_store is not None:
+            return self.token_store.duplicate_keys()
         ids: dict[str, int] = {}
         return [frozenset(ids.setdefault(t, len(ids)) for t in (ex["query"], *ex["pos"]))
                 for ex in self.examples]
@@ -164,3 +223,19 @@ class ContrastiveDataModule(TextDataModule):
         return DataLoader(self.dataset, batch_sampler=self.batch_sampler(),
                           collate_fn=GroupCollator(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+class StorePassageTexts:
+    """Distinct passage p's text, read from the store's rows on access (for re-mining)."""
+
+    def __init__(self, rows, store):
+        self.rows, self.store = rows, store
+
+    def __len__(self) -> int:
+        return len(self.store.pid_slot)
+
+    def __getitem__(self, p: int) -> str:
+        slot = int(self.store.pid_slot[p])
+        row = int(np.searchsorted(self.store.slot_ptr, slot, side="right") - 1)
+        r = self.rows.table[row]
+        return (r["pos"] + r["neg"] + r["candidates"])[slot - int(self.store.slot_ptr[row])]

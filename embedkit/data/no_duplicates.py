@@ -17,21 +17,39 @@ from typing import Sequence
 import numpy as np
 
 
-def pack_without_duplicates(order: np.ndarray, keys: Sequence[frozenset], size: int) -> list[np.ndarray]:
-    """Split `order` into batches of `size` rows whose `keys` (text ids per row) are disjoint."""
-    remaining = dict.fromkeys(int(i) for i in order)
-    batches = []
-    while remaining:
-        batch, seen = [], set()
-        for idx in remaining:
+def pack_without_duplicates(order: np.ndarray, keys: Sequence, size: int) -> list[np.ndarray]:
+    """Split `order` into batches of `size` rows whose `keys` (text ids per row) are disjoint.
+
+    `keys[i]` is any iterable of hashable ids: a frozenset of text ids (the memory path) or the
+    texts' 64-bit hashes (the store, `embedkit.data.store.HashedKeys`). Each batch takes, in
+    order, the deferred rows and then the order's next rows; a conflicting row is deferred.
+    Holding only the deferred rows (not a copy of the whole order) keeps this O(rows) in time
+    and memory at C-MTP scale."""
+    order = np.asarray(order, dtype=np.int64)
+    pending: list[int] = []
+    batches, pos, n = [], 0, len(order)
+    while pending or pos < n:
+        batch, seen, deferred = [], set(), []
+        for j, idx in enumerate(pending):
             k = keys[idx]
             if seen.isdisjoint(k):
                 batch.append(idx)
                 seen.update(k)
                 if len(batch) == size:
+                    deferred.extend(pending[j + 1:])
                     break
-        for idx in batch:
-            del remaining[idx]
+            else:
+                deferred.append(idx)
+        while len(batch) < size and pos < n:
+            idx = int(order[pos])
+            pos += 1
+            k = keys[idx]
+            if seen.isdisjoint(k):
+                batch.append(idx)
+                seen.update(k)
+            else:
+                deferred.append(idx)
+        pending = deferred
         # A short batch means the rest conflict with it or are too few; they start the next one.
         batches.append(np.asarray(batch, dtype=np.int64))
     return batches

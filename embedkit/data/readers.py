@@ -57,6 +57,7 @@ __all__ = [
     "BadRowError",
     "EmptyFileError",
     "ReadResult",
+    "iter_retrieval_jsonl",
     "read_retrieval_jsonl",
     "read_sts_jsonl",
 ]
@@ -141,43 +142,78 @@ def _iter_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
             yield lineno, raw
 
 
+def _parse_line(raw: bytes, validate: Callable[[dict], dict], max_line_bytes: int | None) -> dict:
+    """One line's row, checked; raises _RowProblem with the reason."""
+    if max_line_bytes is not None and len(raw) > max_line_bytes:
+        raise _RowProblem(f"line of {len(raw):,} bytes exceeds max_line_bytes={max_line_bytes:,} "
+                          f"(a missing newline?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _RowProblem(f"invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _RowProblem(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise _RowProblem(f"expected a JSON object, got {_json_type(obj)}")
+    return validate(obj)
+
+
 def _read(path: PathLike, on_bad_row: OnBadRow, validate: Callable[[dict], dict],
           max_line_bytes: int | None = MAX_LINE_BYTES) -> ReadResult:
+    skipped: list[tuple[int, str]] = []
+    rows = [row for _, row in _iter_rows(path, on_bad_row, validate, skipped, max_line_bytes,
+                                         _iter_lines(path))]
+    return ReadResult(rows, skipped, os.fspath(path))
+
+
+def _iter_rows(path: PathLike, on_bad_row: OnBadRow, validate: Callable[[dict], dict],
+               skipped: list[tuple[int, str]], max_line_bytes: int | None,
+               lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, dict]]:
+    """(line, row) of the good rows; bad ones raise BadRowError or are appended to `skipped`."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     path_s = os.fspath(path)
-    rows: list[dict] = []
-    skipped: list[tuple[int, str]] = []
-    n_lines = 0
-    for lineno, raw in _iter_lines(path):
+    n_lines = n_rows = 0
+    for lineno, raw in lines:
         n_lines += 1
         try:
-            if max_line_bytes is not None and len(raw) > max_line_bytes:
-                raise _RowProblem(f"line of {len(raw):,} bytes exceeds max_line_bytes={max_line_bytes:,} "
-                                  f"(a missing newline?)")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _RowProblem(f"invalid UTF-8 at byte {e.start} of the line") from None
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _RowProblem(f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise _RowProblem(f"expected a JSON object, got {_json_type(obj)}")
-            rows.append(validate(obj))
+            row = _parse_line(raw, validate, max_line_bytes)
         except _RowProblem as p:
             if on_bad_row == "error":
                 raise BadRowError(path_s, lineno, str(p)) from None
             skipped.append((lineno, str(p)))
+            continue
+        n_rows += 1
+        yield lineno, row
     if n_lines == 0:
         raise EmptyFileError(f"{path_s}: file is empty (no JSON lines)")
-    if not rows:
+    if not n_rows:
         raise EmptyFileError(
             f"{path_s}: all {n_lines} rows were skipped as bad; first: "
             f"line {skipped[0][0]}: {skipped[0][1]}"
         )
-    return ReadResult(rows, skipped, path_s)
+
+
+def _stream_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
+    """`_iter_lines` without reading the whole file: binary iteration splits on b"\\n" only."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if raw.strip():
+                yield lineno, raw
+
+
+def iter_retrieval_jsonl(path: PathLike, on_bad_row: OnBadRow = "error",
+                         skipped: list[tuple[int, str]] | None = None,
+                         max_line_bytes: int | None = MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:
+    """`read_retrieval_jsonl` as a stream of (line, row), for files too large to hold
+    (embedkit/data/store.py): the same checks, bad rows raise or go to `skipped`."""
+    return _iter_rows(path, on_bad_row, _validate_retrieval, [] if skipped is None else skipped,
+                      max_line_bytes, _stream_lines(path))
 
 
 def _json_type(v: Any) -> str:

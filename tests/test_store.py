@@ -1,0 +1,146 @@
+"""The on-disk store (data.store=arrow) against the memory path: same batches on zh-mini, built
+once and reused, bad rows by file:line, resume, hashed duplicates, ranks' slices."""
+
+import json
+import os
+from functools import partial
+
+import numpy as np
+import pytest
+
+from helpers import DATA
+from embedkit.data.contrastive import ContrastiveDataModule
+from embedkit.data.sources import zh_mini_jsonl
+from embedkit.data.store import text_hash
+from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+# zh-mini's task files as conf/data/zh_mini_task.yaml lists them (prompts included)
+TASK_SOURCES = [partial(zh_mini_jsonl, data_dir=str(DATA), file="train/nli_triplets.jsonl", prompt=""),
+                partial(zh_mini_jsonl, data_dir=str(DATA), file="train/stsb_hardneg.jsonl", prompt=""),
+                partial(zh_mini_jsonl, data_dir=str(DATA), file="train/cmrc_pairs.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = []
+    for f in ("nli_triplets", "stsb_hardneg", "cmrc_pairs"):
+        for line in (DATA / "train" / f"{f}.jsonl").open(encoding="utf-8"):
+            r = json.loads(line)
+            texts += [r["query"], *r["pos"], *r.get("neg", [])]
+    return save_tokenizer(build_char_vocab(texts + ["为这个句子生成表示以用于检索相关文章："], min_freq=2),
+                          tmp_path_factory.mktemp("tok"))
+
+
+def _module(tok, cache, sources=TASK_SOURCES, **kw):
+    args = dict(batch_size=16, train_group_size=4, query_max_len=48, passage_max_len=96, seed=3,
+                query_instruction="为这个句子生成表示以用于检索相关文章：", no_duplicates=True,
+                cache_dir=str(cache), store_num_proc=2)
+    args.update(kw)
+    dm = ContrastiveDataModule(list(sources), **args)
+    dm.attach_tokenizer(tok)
+    dm.setup()
+    return dm
+
+
+def _epochs(dm, epochs=(0, 1), limit=None):
+    """(indices, query ids, passage ids) of every batch of `epochs`."""
+    loader = dm.train_dataloader()
+    out = []
+    for epoch in epochs:
+        loader.batch_sampler.set_epoch(epoch)
+        for n, (idx, batch) in enumerate(zip(loader.batch_sampler, loader)):
+            if limit and n >= limit:
+                break
+            out.append(([i for i, _ in idx], batch["query"]["input_ids"].tolist(),
+                        batch["passages"]["input_ids"].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"group_by_length": False, "no_duplicates": False},
+                                {"train_group_size": 1, "max_examples": 2000}])
+def test_the_store_gives_the_memory_paths_batches_on_zh_mini(tok, tmp_path, kw):
+    memory = _module(tok, tmp_path / "m", store="memory", **kw)
+    arrow = _module(tok, tmp_path / "a", store="arrow", **kw)
+    assert len(arrow.dataset) == len(memory.dataset)
+    assert len(arrow.dataset.passages) == len(memory.dataset.passages)
+    a, m = _epochs(arrow), _epochs(memory)
+    assert len(a) == len(m) > 0
+    assert a == m
+
+
+def test_a_second_start_reuses_the_store_without_reading_the_files(tok, tmp_path, monkeypatch):
+    _module(tok, tmp_path, store="arrow")
+    import embedkit.data.readers as readers
+
+    def boom(*a, **k):
+        raise AssertionError("the files were read again")
+
+    monkeypatch.setattr(readers, "iter_retrieval_jsonl", boom)
+    dm = _module(tok, tmp_path, store="arrow")
+    assert len(dm.dataset) == 3955 + 1914 + 501
+    built = [p.name for p in (tmp_path / "store" / "tokens").iterdir() if p.suffix != ".lock"]
+    assert len(built) == 1 and not built[0].endswith(".tmp")   # one tokenised store, no leftovers
+
+
+def test_a_changed_file_is_a_new_store(tok, tmp_path):
+    f = tmp_path / "train" / "a.jsonl"
+    f.parent.mkdir()
+    rows = [{"query": f"问{i}", "pos": [f"答{i}"]} for i in range(40)]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    src = [partial(zh_mini_jsonl, data_dir=str(tmp_path), file="train/a.jsonl")]
+    first = _module(tok, tmp_path / "c", sources=src, store="arrow", train_group_size=1)
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:32]), encoding="utf-8")
+    os.utime(f, ns=(1, 1))
+    second = _module(tok, tmp_path / "c", sources=src, store="arrow", train_group_size=1)
+    assert (len(first.dataset), len(second.dataset)) == (40, 32)
+
+
+def test_bad_rows_name_file_and_line_or_are_counted(tok, tmp_path):
+    from embedkit.data.readers import BadRowError
+
+    f = tmp_path / "train" / "bad.jsonl"
+    f.parent.mkdir()
+    good = [json.dumps({"query": f"问{i}", "pos": [f"答{i}"]}, ensure_ascii=False) for i in range(40)]
+    f.write_text("\n".join(good[:5] + ['{"query": "问", "pos": []}'] + good[5:]), encoding="utf-8")
+    src = [partial(zh_mini_jsonl, data_dir=str(tmp_path), file="train/bad.jsonl")]
+    with pytest.raises(BadRowError, match=r"bad\.jsonl:6: 'pos' is an empty list"):
+        _module(tok, tmp_path / "c", sources=src, store="arrow", train_group_size=1)
+    dm = _module(tok, tmp_path / "c", sources=src, store="arrow", train_group_size=1, on_bad_row="skip")
+    assert len(dm.dataset) == 40
+    assert dm.bad_rows == {str(f): [(6, "'pos' is an empty list")]}
+    again = _module(tok, tmp_path / "c", sources=src, store="arrow", train_group_size=1, on_bad_row="skip")
+    assert again.bad_rows == dm.bad_rows   # a cached start still reports them (results.json)
+
+
+def test_duplicate_keys_are_the_hashes_of_query_and_positives(tok, tmp_path):
+    rows = [{"query": "甲", "pos": ["乙", "丙"]}, {"query": "丁", "pos": ["甲"]}]
+    dm = _module(tok, tmp_path, sources=[lambda: rows * 20], store="arrow", train_group_size=1,
+                 batch_size=2)
+    keys = dm.duplicate_keys()
+    assert keys[0] == text_hash(["甲", "乙", "丙"]).tolist()
+    assert keys[1] == text_hash(["丁", "甲"]).tolist()
+    assert len(keys) == 40
+    # every row repeats 20 times: no batch of 2 may pair a row with its copy, nor row 0 with row 1
+    # (row 1's positive is row 0's query)
+    assert dm.batch_sampler().global_batches() == []
+
+
+def test_resume_and_rank_slices_from_the_store(tok, tmp_path):
+    dm = _module(tok, tmp_path, store="arrow")
+    full = [b for b in dm.batch_sampler()]
+    dm.load_state_dict({"epoch": 0, "batches": 5})
+    assert [b for b in dm.batch_sampler()] == full[5:]
+    s = dm.batch_sampler()
+    s.num_replicas, s.batch_size = 2, 8
+    s0 = list(s)
+    s.rank = 1
+    s1 = list(s)
+    assert [a + b for a, b in zip(s0, s1)] == full
+
+
+def test_a_bad_store_setting_is_named(tok):
+    with pytest.raises(ValueError, match="data.store must be one of"):
+        ContrastiveDataModule([], store="parquet")
+    dm = ContrastiveDataModule(TASK_SOURCES, store="arrow", cache_dir=None)
+    with pytest.raises(ValueError, match="data.cache_dir"):
+        dm.examples
