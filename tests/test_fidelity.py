@@ -133,7 +133,7 @@ def test_a_paper_stage_without_an_entry_is_uncovered(tmp_path):
 
 @pytest.mark.parametrize("paper", TABLES)
 def test_results_md_shows_the_current_fidelity_table(paper):
-    from embedkit.reporting.report import fidelity_section
+    from embedkit.reporting.fidelity import section as fidelity_section
 
     section = fidelity_section(REPO / "experiments" / paper)
     text = (REPO / "experiments" / paper / "RESULTS.md").read_text(encoding="utf-8")

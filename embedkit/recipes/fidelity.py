@@ -33,79 +33,19 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from embedkit.config import CONFIG_DIR, REPO_ROOT
 from embedkit.recipes.plan import devices_of, get
 from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+from embedkit.reporting.fidelity import TABLE, FidelityTableError, Setting, load  # noqa: F401  (the table's format)
 
-TABLE = "fidelity.yaml"
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
-FIELDS = {"setting", "where", "key", "paper", "ours", "source", "deviation", "skip_missing"}
 DERIVED = ("global_batch", "negatives_per_query", "init", "steps", "sources")
-
-
-class FidelityTableError(ValueError):
-    """A fidelity.yaml entry that cannot be checked: names the file and the entry."""
-
-
-@dataclass
-class Setting:
-    setting: str
-    key: str
-    paper: Any
-    source: str
-    experiments: list[str]
-    rows: list[str] | None = None
-    stages: list[str] | None = None
-    ours: Any = None
-    deviation: str | None = None
-    skip_missing: bool = False
-    where: str = ""               # file:entry, for messages
-    has_ours: bool = field(default=False, repr=False)
-
-    @property
-    def expected(self) -> Any:
-        return self.ours if self.has_ours else self.paper
-
-
-def load(path: Path) -> list[Setting]:
-    """The entries of one fidelity.yaml, validated."""
-    path = Path(path)
-    entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    entries = entries.get("settings") if isinstance(entries, dict) else entries
-    if not isinstance(entries, list):
-        raise FidelityTableError(f"{path}: expected a list of settings under `settings:`")
-    out = []
-    for i, e in enumerate(entries):
-        where = f"{path.name} entry {i + 1}"
-        if not isinstance(e, dict):
-            raise FidelityTableError(f"{where}: expected a mapping, got {e!r}")
-        name = e.get("setting", "?")
-        where = f"{path.name} entry {i + 1} ({name!r})"
-        unknown = set(e) - FIELDS
-        if unknown:
-            raise FidelityTableError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
-        for required in ("setting", "where", "key", "paper", "source"):
-            if required not in e:
-                raise FidelityTableError(f"{where}: missing `{required}`")
-        if ("ours" in e) != bool(e.get("deviation")):
-            raise FidelityTableError(f"{where}: a deviation gives both `ours` (the value we use) and "
-                                     f"`deviation` (why)")
-        sel = e["where"] or {}
-        if not sel.get("experiments"):
-            raise FidelityTableError(f"{where}: `where.experiments` lists no experiment")
-        out.append(Setting(setting=e["setting"], key=e["key"], paper=e["paper"], source=e["source"],
-                           experiments=list(sel["experiments"]), rows=sel.get("rows"),
-                           stages=sel.get("stages"), ours=e.get("ours"), deviation=e.get("deviation"),
-                           skip_missing=bool(e.get("skip_missing", False)), where=where,
-                           has_ours="ours" in e))
-    return out
 
 
 def tables(root: Path = EXPERIMENTS_DIR, papers: list[str] | None = None) -> dict[str, Path]:

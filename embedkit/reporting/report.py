@@ -37,6 +37,7 @@ from embedkit import runs
 from embedkit.atomic_files import write_atomic
 from embedkit.config import CONFIG_DIR
 from embedkit.reporting import experiments as declared
+from embedkit.reporting import fidelity as fidelity_table
 from embedkit.reporting.experiments import Experiment
 from embedkit.reporting.findings import TIE, Finding, evaluate  # noqa: F401  (Finding, TIE: re-exported)
 from embedkit.reporting.tables import COLUMNS, paper_columns, read_paper_table, to_markdown
@@ -234,60 +235,6 @@ def wandb_section(path: str, experiment: str) -> str:
     return "\n".join(lines)
 
 
-FIDELITY_TABLE = "fidelity.yaml"
-FIDELITY_START = "<!-- fidelity table: generated from fidelity.yaml; do not edit -->"
-FIDELITY_END = "<!-- end of fidelity table -->"
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ", ".join(_cell(v) for v in value)
-    return str(value).replace("|", "\\|").replace("${paths.paper_data_dir}", "<paper data>")
-
-
-def fidelity_section(paper_dir: Path) -> str | None:
-    """The paper's fidelity table (experiments/<paper>/fidelity.yaml) as markdown, or None.
-
-    The check itself (every value against the composed `scale=paper` configs) is
-    embedkit/recipes/fidelity.py; this only shows the table."""
-    path = Path(paper_dir) / FIDELITY_TABLE
-    if not path.is_file():
-        return None
-    table = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    lines = [FIDELITY_START, "## Paper-scale fidelity", "",
-             f"What `scale=paper` resolves to, setting by setting, against the paper or the official code "
-             f"(`{FIDELITY_TABLE}`; checked by `python -m embedkit.recipes.fidelity` and tests/test_fidelity.py). "
-             "A value in the last column is a stated deviation.", "",
-             "| setting | experiments (rows / stages) | config key | paper / official | source | ours, and why |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for e in table.get("settings", []):
-        where = e.get("where") or {}
-        scope = ", ".join(where.get("experiments", []))
-        narrow = [*(f"row {r}" for r in where.get("rows") or []), *(f"stage {st}" for st in where.get("stages") or [])]
-        if narrow:
-            scope += " (" + "; ".join(narrow) + ")"
-        ours = f"{_cell(e['ours'])}: {e.get('deviation', '')}" if "ours" in e else ""
-        lines.append(f"| {_cell(e['setting'])} | {scope} | `{e['key']}` | {_cell(e['paper'])} | {_cell(e['source'])} | {ours} |")
-    return "\n".join(lines + ["", FIDELITY_END])
-
-
-def with_fidelity(text: str, section: str | None) -> str:
-    """`text` (a RESULTS.md) with its fidelity section replaced, or appended when it has none."""
-    if section is None:
-        return text
-    if FIDELITY_START in text and FIDELITY_END in text:
-        head, rest = text.split(FIDELITY_START, 1)
-        tail = rest.split(FIDELITY_END, 1)[1]
-        return head + section + tail
-    return text.rstrip("\n") + "\n\n" + section + "\n"
-
-
 def render(paper: str, runs_root: Path, out_root: Path, wandb_path: str | None = None,
            experiments: list[Experiment] | None = None) -> str:
     """One paper's RESULTS.md: a section per experiment that declares it (report.paper) and
@@ -316,7 +263,7 @@ def render(paper: str, runs_root: Path, out_root: Path, wandb_path: str | None =
                      if p.name not in {f for e in sections for f in e.figures})
     if figures:
         parts += ["", "## Other figures", ""] + [f"![{name}]({name})" for name in figures]
-    fidelity = fidelity_section(paper_dir)
+    fidelity = fidelity_table.section(paper_dir)
     if fidelity:
         parts += ["", fidelity]
     return "\n".join(parts) + "\n"
@@ -347,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.fidelity_only:
             current = out.read_text(encoding="utf-8") if out.is_file() else ""
-            text = with_fidelity(current, fidelity_section(out.parent))
+            text = fidelity_table.with_section(current, fidelity_table.section(out.parent))
             write_atomic(out, lambda fh: fh.write(text))
             print(f"refreshed the fidelity table of {out}")
             written.append(out)
