@@ -25,7 +25,7 @@ import functools
 import inspect
 import json
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -98,14 +98,21 @@ class TextDataModule(pl.LightningDataModule):
     @property
     def examples(self) -> list[dict]:
         if self._examples is None:
-            examples = [row for source in self.sources for row in self._read(source)]
+            examples, source_ids, file_ids = [], [], []
+            for s, source in enumerate(self.sources):
+                rows = self._read(source)
+                examples.extend(rows)
+                source_ids.append(np.full(len(rows), s, dtype=np.int32))
+                for n in getattr(rows, "file_rows", None) or [len(rows)]:
+                    file_ids.append(np.full(n, len(file_ids), dtype=np.int32))
             if not examples:
                 raise ValueError("the configured training sources produced no examples")
+            source_ids, file_ids = np.concatenate(source_ids), np.concatenate(file_ids)
             if self.max_examples and len(examples) > self.max_examples:
-                keep = np.random.default_rng(self.seed).choice(len(examples), self.max_examples,
-                                                               replace=False)
-                examples = [examples[i] for i in np.sort(keep)]
-            self._examples = examples
+                keep = np.sort(np.random.default_rng(self.seed).choice(len(examples), self.max_examples,
+                                                                       replace=False))
+                examples, source_ids, file_ids = [examples[i] for i in keep], source_ids[keep], file_ids[keep]
+            self._examples = SourcedRows(examples, source_ids, file_ids)
         return self._examples
 
     def _read(self, source: Callable[[], list[dict]]) -> list[dict]:
@@ -122,9 +129,21 @@ class TextDataModule(pl.LightningDataModule):
         """Share rows already read by another module (ablation rows differ in batching, not data)."""
         self._examples = examples
 
-    def vocab_texts(self) -> list[str]:
-        """Every training text, for building a character vocabulary."""
-        return [t for ex in self.examples for t in self.texts_of(ex)]
+    def vocab_texts(self) -> Iterator[str]:
+        """Every training text, streamed row by row, for building a character vocabulary (the
+        store's rows are read from disk as they are iterated, never all held)."""
+        for ex in self.examples:
+            yield from self.texts_of(ex)
+
+    def source_ids(self, unit: str = "source") -> np.ndarray:
+        """Each example's source (its index in `sources`), or its file (`unit="file"`: numbered
+        across sources in reading order; a source made in Python is one "file"), for multi-source
+        sampling."""
+        ids = getattr(self.examples, f"{unit}_ids", None)
+        if ids is None:
+            raise ValueError("these examples carry no source ids (rows shared with use_examples() "
+                             "from a plain list); multi-source sampling needs the module's own read")
+        return np.asarray(ids() if callable(ids) else ids)
 
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -161,6 +180,16 @@ class TextDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         # Restored before train_dataloader() is built; the sampler picks it up there.
         self._resume = dict(state_dict) if state_dict else None
+
+
+class SourcedRows(list):
+    """The examples (this object is the list) and, per row, the index of the source and of the
+    file it came from: shared by reference between modules (`use_examples`), the ids travel with
+    the rows."""
+
+    def __init__(self, rows, source_ids: np.ndarray, file_ids: np.ndarray):
+        super().__init__(rows)
+        self.source_ids, self.file_ids = np.asarray(source_ids), np.asarray(file_ids)
 
 
 def plain(value):

@@ -86,9 +86,21 @@ class GroupBatchSampler(Sampler):
 
     def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool = True,
                  drop_last: bool = True, num_replicas: int = 1, rank: int = 0, megabatch: int = 50,
-                 keys: Sequence[frozenset] | None = None):
+                 keys: Sequence[frozenset] | None = None, sources: np.ndarray | None = None,
+                 source_weights: Sequence[float] | None = None, same_source: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # Multi-source sampling (C-Pack / BGE-M3 mix several corpora): `sources` is each row's
+        # source id; `source_weights[s]` scales how many of source s's rows an epoch draws (1: each
+        # row once; 0.5: a fresh half; 2.5: two passes and a half); `same_source` makes every global
+        # batch draw from one source (FlagEmbedding's same_dataset_within_batch), the batches of all
+        # sources then shuffled together (sentence-transformers' PROPORTIONAL). Without either, the
+        # order is the single permutation it always was.
+        self.sources = None if sources is None else np.asarray(sources, dtype=np.int64)
+        self.source_weights = None if source_weights is None else [float(w) for w in source_weights]
+        self.same_source = bool(same_source)
+        if (self.source_weights is not None or self.same_source) and self.sources is None:
+            raise ValueError("source weights or same-source batches need each row's source id")
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
@@ -122,7 +134,39 @@ class GroupBatchSampler(Sampler):
 
     def global_batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = rng.permutation(len(self.lengths))
+        if self.sources is None or (self.source_weights is None and not self.same_source):
+            return self._batches(rng.permutation(len(self.lengths)), rng, shuffle=self.group_by_length)
+        picks = [self._epoch_rows(np.flatnonzero(self.sources == s), w, rng)
+                 for s, w in enumerate(self._weights())]
+        if not self.same_source:
+            order = np.concatenate(picks)
+            return self._batches(order[rng.permutation(len(order))], rng, shuffle=self.group_by_length)
+        batches = [b for pick in picks for b in self._batches(pick, rng, shuffle=False)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _weights(self) -> list[float]:
+        n_sources = int(self.sources.max()) + 1 if len(self.sources) else 0
+        weights = self.source_weights if self.source_weights is not None else [1.0] * n_sources
+        if len(weights) < n_sources:
+            raise ValueError(f"data.source_weights has {len(weights)} weight(s) for {n_sources} sources")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"data.source_weights must be >= 0, got {weights}")
+        return list(weights)
+
+    @staticmethod
+    def _epoch_rows(ids: np.ndarray, weight: float, rng) -> np.ndarray:
+        """round(weight * len(ids)) of a source's rows, shuffled: whole passes, then a draw
+        without replacement for the fraction."""
+        whole, frac = divmod(weight, 1.0)
+        parts = [ids[rng.permutation(len(ids))] for _ in range(int(whole))]
+        extra = int(round(frac * len(ids)))
+        if extra:
+            parts.append(ids[rng.choice(len(ids), extra, replace=False)])
+        return np.concatenate(parts) if parts else ids[:0]
+
+    def _batches(self, order: np.ndarray, rng, shuffle: bool) -> list[np.ndarray]:
+        """`order` cut into global batches: length-grouped within mega-batches, packed without
+        duplicates, incomplete ones dropped, and (`shuffle`) the batches shuffled."""
         size = self.batch_size * self.num_replicas
         if self.group_by_length:
             span = size * self.megabatch
@@ -140,7 +184,7 @@ class GroupBatchSampler(Sampler):
             batches = [order[i:i + size] for i in range(0, len(order), size)]
         if batches and len(batches[-1]) < size and (self.drop_last or self.num_replicas > 1):
             batches.pop()
-        if self.group_by_length:
+        if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
@@ -154,7 +198,7 @@ class GroupBatchSampler(Sampler):
             yield [(int(i), self.epoch) for i in part]
 
     def __len__(self) -> int:
-        if self.keys is not None:   # packing may defer rows: count this epoch's batches
+        if self.keys is not None or self.sources is not None:   # count this epoch's batches
             if self._cached is None or self._cached[0] != self.epoch:
                 self._cached = (self.epoch, self.global_batches())
             return len(self._cached[1])

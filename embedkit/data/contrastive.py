@@ -106,7 +106,8 @@ class ContrastiveDataModule(TextDataModule):
     # How rows are grouped, cut and instructed, not which are read (`examples_key`).
     serving_args = TextDataModule.serving_args | {
         "train_group_size", "query_max_len", "passage_max_len", "query_instruction",
-        "group_by_length", "no_duplicates", "store_num_proc"}
+        "group_by_length", "no_duplicates", "store_num_proc", "same_source_within_batch",
+        "source_weights"}
 
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  train_group_size: int = 1, query_max_len: int = 32, passage_max_len: int = 128,
@@ -114,7 +115,8 @@ class ContrastiveDataModule(TextDataModule):
                  seed: int = 0, cache_dir: str | None = None, num_workers: int = 0,
                  max_examples: int | None = None, on_bad_row: str = "error",
                  no_duplicates: bool = False, store: str = "memory",
-                 store_num_proc: int | None = None):
+                 store_num_proc: int | None = None, same_source_within_batch: bool = False,
+                 source_weights: Sequence[float] | None = None):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if train_group_size < 1:
@@ -132,6 +134,13 @@ class ContrastiveDataModule(TextDataModule):
         # `store` is part of examples_key: a store's rows are a StoreRows, not a list to share.
         self.store = store
         self.store_num_proc = store_num_proc
+        # Multi-source sampling (GroupBatchSampler): one source per global batch, per-source
+        # weights on how many of its rows an epoch draws; by source = entry of `sources`.
+        self.same_source_within_batch = bool(same_source_within_batch)
+        self.source_weights = None if source_weights is None else [float(w) for w in source_weights]
+        if self.source_weights is not None and len(self.source_weights) != len(self.sources):
+            raise ValueError(f"data.source_weights has {len(self.source_weights)} weight(s) for "
+                             f"{len(self.sources)} data.sources; give one per source")
         self.token_store = None
         self.dataset: GroupDataset | None = None
 
@@ -150,9 +159,10 @@ class ContrastiveDataModule(TextDataModule):
     def texts_of(self, example: dict) -> list[str]:
         return [example["query"], *example["pos"], *example.get("neg", ())]
 
-    def vocab_texts(self) -> list[str]:
-        texts = super().vocab_texts()
-        return texts + [self.query_instruction] if self.query_instruction else texts
+    def vocab_texts(self):
+        yield from super().vocab_texts()
+        if self.query_instruction:
+            yield self.query_instruction
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -206,7 +216,35 @@ class ContrastiveDataModule(TextDataModule):
                                            self.group_by_length)
         if self.no_duplicates:
             sampler.keys = self.duplicate_keys()
+        if self.same_source_within_batch or self.source_weights is not None:
+            self._sample_by_source(sampler)
         return sampler
+
+    def _sample_by_source(self, sampler: GroupBatchSampler) -> None:
+        """Batches from one file at a time (FlagEmbedding's same_dataset_within_batch: one global
+        batch from one training file or dataset; a source made in Python is one file), each
+        file's rows weighted by its source's `source_weights` entry."""
+        files, sources = self.source_ids("file"), self.source_ids("source")
+        n_files = int(files.max()) + 1
+        source_of = np.zeros(n_files, dtype=np.int64)
+        source_of[files] = sources
+        weights = self.source_weights or [1.0] * len(self.sources)
+        sampler.sources = files
+        sampler.source_weights = [weights[s] for s in source_of]
+        sampler.same_source = self.same_source_within_batch
+        if not self.same_source_within_batch:
+            return
+        # A file with fewer rows per epoch than one global batch would never be trained on.
+        size = sampler.batch_size * sampler.num_replicas
+        counts = np.bincount(files, minlength=n_files)
+        for f, (n, w) in enumerate(zip(counts, sampler.source_weights)):
+            if n and w > 0 and round(n * w) < size:
+                s = int(source_of[f])
+                which = f"file {f - int(np.flatnonzero(source_of == s)[0])} of " if (source_of == s).sum() > 1 else ""
+                raise ValueError(
+                    f"{which}data.sources[{s}] gives {round(n * w)} rows per epoch, fewer than one "
+                    f"global batch of {size}: with same_source_within_batch it is never trained on; "
+                    f"lower data.batch_size, raise its weight, or set data.same_source_within_batch=false")
 
     def duplicate_keys(self):
         """Per example, the ids of the texts that must not repeat within a batch: its query and

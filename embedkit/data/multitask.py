@@ -92,8 +92,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for name, dm in self.tasks.items():
             dm.use_examples(examples[name])
 
-    def vocab_texts(self) -> list[str]:
-        return [t for dm in self.tasks.values() for t in dm.vocab_texts()]
+    def vocab_texts(self):
+        for dm in self.tasks.values():
+            yield from dm.vocab_texts()
 
     def attach_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer

@@ -118,6 +118,7 @@ class ReadResult(list):
         out = cls([row for r in results for row in r],
                   [s for r in results for s in r.skipped])
         out._by_path = {}
+        out.file_rows = [len(r) for r in results]   # rows per file, in order: the batching unit
         for r in results:
             for path, skipped in r.skipped_by_path.items():
                 out._by_path.setdefault(path, []).extend(skipped)

@@ -92,7 +92,9 @@ def rows_key(sources: Sequence[Callable], on_bad_row: str, max_examples: int | N
     """The rows' cache key: the sources' settings, and per file its path, size and mtime."""
     from embedkit.data.base import plain
 
-    h = hashlib.sha1(json.dumps({"on_bad_row": on_bad_row, "max_examples": max_examples, "seed": seed},
+    # "format": the rows file's schema (2: a `file` column), so an older store is never reopened.
+    h = hashlib.sha1(json.dumps({"on_bad_row": on_bad_row, "max_examples": max_examples, "seed": seed,
+                                 "format": 2},
                                 sort_keys=True).encode())
     for source in sources:
         h.update(json.dumps(plain(source), sort_keys=True, ensure_ascii=False, default=repr).encode())
@@ -109,7 +111,10 @@ def rows_key(sources: Sequence[Callable], on_bad_row: str, max_examples: int | N
     return h.hexdigest()[:20]
 
 
-def _stream_source(source: Callable, on_bad_row: str, skipped: dict) -> Iterator[dict]:
+def _stream_source(source: Callable, on_bad_row: str, skipped: dict,
+                   files: list | None = None) -> Iterator[tuple[int, dict]]:
+    """(file number within the source, row) of every good row; a source made in Python is one
+    file unless it reports its files (`file_rows`). `files` gets the source's file count."""
     from embedkit.data.readers import iter_retrieval_jsonl
     from embedkit.data.sources import call_source
 
@@ -118,17 +123,23 @@ def _stream_source(source: Callable, on_bad_row: str, skipped: dict) -> Iterator
         rows = call_source(source, on_bad_row)
         for path, bad in (getattr(rows, "skipped_by_path", None) or {}).items():
             skipped.setdefault(path, []).extend(bad)
-        yield from rows
+        bounds = np.cumsum(getattr(rows, "file_rows", None) or [len(rows)])
+        if files is not None:
+            files.append(len(bounds))
+        for i, row in enumerate(rows):
+            yield int(np.searchsorted(bounds, i, side="right")), row
         return
-    files, opts = found
+    paths, opts = found
+    if files is not None:
+        files.append(len(paths))
     policy = opts["on_bad_row"] or on_bad_row
     n = 0
-    for f in files:
+    for k, f in enumerate(paths):
         bad = skipped.setdefault(os.fspath(f), [])
         for _, row in iter_retrieval_jsonl(f, on_bad_row=policy, skipped=bad):
             if opts.get("prompt") is not None:
                 row.setdefault("prompt", opts["prompt"])
-            yield row
+            yield k, row
             n += 1
             if opts.get("max_rows") and n >= opts["max_rows"]:
                 return
@@ -139,7 +150,8 @@ def _schema():
 
     texts = pa.list_(pa.string())
     return pa.schema([("query", pa.string()), ("prompt", pa.string()), ("pos", texts),
-                      ("neg", texts), ("candidates", texts), ("source", pa.int32())])
+                      ("neg", texts), ("candidates", texts), ("source", pa.int32()),
+                      ("file", pa.int32())])
 
 
 def _write_rows(sources: Sequence[Callable], on_bad_row: str, path: Path) -> tuple[int, dict]:
@@ -157,17 +169,21 @@ def _write_rows(sources: Sequence[Callable], on_bad_row: str, path: Path) -> tup
                 v.clear()
 
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        files = 0   # numbered across sources, as the memory path numbers them
         for s, source in enumerate(sources):
-            for row in _stream_source(source, on_bad_row, skipped):
+            counted: list[int] = []
+            for k, row in _stream_source(source, on_bad_row, skipped, counted):
                 cols["query"].append(row["query"])
                 cols["prompt"].append(row.get("prompt"))
                 cols["pos"].append(list(row["pos"]))
                 cols["neg"].append(list(row.get("neg", ())))
                 cols["candidates"].append(list(row.get("candidates", ())))
                 cols["source"].append(s)
+                cols["file"].append(files + k)
                 n += 1
                 if len(cols["query"]) >= ROW_BATCH:
                     flush(writer)
+            files += counted[0]
         flush(writer)
     return n, {p: b for p, b in skipped.items() if b}
 
@@ -228,6 +244,14 @@ class StoreRows(Sequence):
                 if batch["candidates"][j]:
                     out["candidates"] = batch["candidates"][j]
                 yield out
+
+    def source_ids(self) -> np.ndarray:
+        """Each row's source (its index in the data's `sources`), from the store's column."""
+        return self.table.data.column("source").to_numpy()
+
+    def file_ids(self) -> np.ndarray:
+        """Each row's file, numbered across sources in reading order (as the memory path's)."""
+        return self.table.data.column("file").to_numpy()
 
     def texts(self) -> Iterator[str]:
         """Every query, positive and negative, streamed in batches (for a vocabulary)."""

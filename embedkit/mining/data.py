@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from embedkit.data.base import SourcedRows
 from embedkit.data.contrastive import ContrastiveDataModule
 from embedkit.runs import DONE
 
@@ -167,6 +168,12 @@ class MinedContrastiveDataModule(ContrastiveDataModule):
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], mining: Mapping | None = None,
                  **kwargs):
         super().__init__(sources, **kwargs)
+        if self.store != "memory":
+            # The miner ranks and rewrites rows held in memory (C-MTP labeled, 838k rows, fits);
+            # a store-sized set is mined offline (python -m embedkit.mining) into a jsonl that
+            # data=mined_file then trains from the store.
+            raise ValueError(f"data.store={self.store} cannot mine at setup; set data.store=memory, or "
+                             f"mine offline with `python -m embedkit.mining` and train data=mined_file")
         self.mining = dict(mining or {})
         check_mining(self.mining)
         self._mined: list[dict] | None = None
@@ -184,8 +191,12 @@ class MinedContrastiveDataModule(ContrastiveDataModule):
         """The rows with mined negatives (mined once, or read from the cache), served from now on."""
         if self._mined is None:
             rows = super().examples
-            self._mined = mine_rows(rows, cache_dir=self.cache_dir, seed=self.seed,
-                                    device=self._device(), **self.mining)
+            mined = mine_rows(rows, cache_dir=self.cache_dir, seed=self.seed,
+                              device=self._device(), **self.mining)
+            # Mining keeps the rows and their order: their sources carry over (same-source batches).
+            if isinstance(rows, SourcedRows) and len(mined) == len(rows):
+                mined = SourcedRows(mined, rows.source_ids, rows.file_ids)
+            self._mined = mined
         return self._mined
 
     def prepare_data(self) -> None:

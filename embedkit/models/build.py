@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from embedkit.models.encoder import ENCODER_CONFIG, PROJECTION_WEIGHTS, TextEncoder
 
@@ -34,7 +34,7 @@ def trust_remote_code_flag(value) -> bool:
     return value
 
 
-def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: int = 1,
+def char_level_tokenizer(texts: Iterable[str] | None, out_dir: str | Path, min_freq: int = 1,
                          max_size: int | None = None, cache_dir: str | Path | None = None,
                          corpora: Sequence[Callable[[], list[str]]] = (), on_bad_row: str = "error"):
     """Build (or reuse from `cache_dir`) a character vocabulary, saved into `out_dir`.
@@ -48,9 +48,17 @@ def char_level_tokenizer(texts: Sequence[str], out_dir: str | Path, min_freq: in
     the vocabulary.
     """
     from embedkit.data.sources import call_source
-    from embedkit.models.vocab import build_char_vocab, load_tokenizer, read_vocab_txt, save_tokenizer
+    from embedkit.models.vocab import (TextStream, build_char_vocab, load_tokenizer, read_vocab_txt,
+                                       save_tokenizer)
 
-    all_texts = list(texts) + [t for corpus in corpora for t in call_source(corpus, on_bad_row)]
+    # Two streaming passes (hash, then count on a cache miss): `texts` is re-iterable (the
+    # recipe's TextStream reads the training rows again) or is materialised once here.
+    if texts is None:
+        texts = ()
+    elif iter(texts) is texts:
+        texts = list(texts)
+    corpus_texts = [t for corpus in corpora for t in call_source(corpus, on_bad_row)]
+    all_texts = TextStream([lambda: texts, lambda: corpus_texts])
     digest = hashlib.sha1()
     for t in all_texts:
         digest.update(t.encode("utf-8"))

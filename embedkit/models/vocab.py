@@ -105,6 +105,19 @@ class _PieceSplitter:
         return out
 
 
+class TextStream:
+    """Texts from several parts (each a callable returning an iterable), re-iterable: every
+    `iter()` calls the parts again, so a vocabulary can hash the texts, then count them, in two
+    streaming passes without ever holding them in one list (C-MTP's rows come from the store)."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from part()
+
+
 def count_pieces(texts: Iterable[str]) -> Counter:
     """Frequency of every character piece (plain or ``##``) the tokenizer would need.
 

@@ -216,6 +216,14 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
     cap = get(data, "max_examples")
     lines.append((prefix + "data", short(get(data, "_target_")) + (f", first {cap:,} examples" if cap else "")))
     lines += [(prefix + "source", s) for s in sources_of(data)]
+    store = get(data, "store")
+    if store not in (None, "memory"):
+        lines.append((prefix + "store", f"{store} (on disk under data.cache_dir, built once, shared by the ranks)"))
+    weights = get(data, "source_weights")
+    if get(data, "same_source_within_batch") or weights is not None:
+        lines.append((prefix + "batches by source",
+                      ("one training file per global batch" if get(data, "same_source_within_batch")
+                       else "mixed") + (f", source weights {list(weights)}" if weights is not None else "")))
     return lines
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -222,14 +223,16 @@ class Examples:
         # (${paths.data_dir}) resolve against the whole config, in place.
         return instantiate(data_cfg).examples_key()
 
-    def get(self, data_cfg: DictConfig) -> tuple[list[dict], list[str]]:
+    def get(self, data_cfg: DictConfig) -> tuple[list[dict], Callable[[], Iterable[str]]]:
+        """The rows, and a callable streaming their texts for a vocabulary (nothing is read
+        for it unless the tokenizer is built from text)."""
         data = instantiate(data_cfg)
         key = data.examples_key()
         if key not in self._by_key:
             self._by_key[key] = data.examples
             self._bad_rows[key] = data.bad_rows
         data.use_examples(self._by_key[key])
-        return self._by_key[key], data.vocab_texts()
+        return self._by_key[key], data.vocab_texts
 
     def bad_rows(self, data_cfg: DictConfig) -> dict[str, dict]:
         """{file: {"count", "first"}} of the rows `data.on_bad_row=skip` left out."""
@@ -261,7 +264,7 @@ def run(cfg: DictConfig) -> float | None:
         check_settings(row["dir"], row_settings(row["plan"]), f"row {row['label']!r}")
 
     # One tokenizer for every stage of every row: read all their data first.
-    vocab_texts: list[str] = []
+    vocab_parts = []   # each distinct data's texts, streamed when (and only if) a vocabulary is built
     seen, policies = set(), set()
     for row in rows:
         for step in row["plan"]:
@@ -270,7 +273,7 @@ def run(cfg: DictConfig) -> float | None:
             key = examples.key(data_cfg)
             if key not in seen:
                 seen.add(key)
-                vocab_texts += examples.get(data_cfg)[1]
+                vocab_parts.append(examples.get(data_cfg)[1])
     if cfg.model.get("init_from"):
         # Starting from a saved encoder: its ids are fixed, so its own tokenizer comes with it
         # (a vocabulary rebuilt from this run's data would not match its embedding table).
@@ -279,7 +282,9 @@ def run(cfg: DictConfig) -> float | None:
         tokenizer = pretrained_tokenizer(cfg.model.init_from, out_dir=out_dir / runs.TOKENIZER)
     else:
         # The vocabulary's own corpora re-read training files: they skip bad rows as the data does.
-        tokenizer = instantiate(cfg.model.tokenizer, texts=vocab_texts, out_dir=str(out_dir / runs.TOKENIZER),
+        from embedkit.models.vocab import TextStream
+
+        tokenizer = instantiate(cfg.model.tokenizer, texts=TextStream(vocab_parts), out_dir=str(out_dir / runs.TOKENIZER),
                                 on_bad_row="skip" if "skip" in policies else "error")
 
     table_rows, last = [], None
