@@ -65,6 +65,61 @@ def synth(path: Path, n: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
+def fabricate_tokens(folder: Path, n: int, seed: int = 0) -> None:
+    """A TokenStore folder of `n` rows (query 10-26 and passage 42-130 token ids, one positive
+    each, every text distinct) written straight as the arrays `open_tokens` writes, skipping the
+    tokeniser (~75 min for 10M rows on 2 cores): the serving path (sampler, hashed duplicate keys,
+    packing, collation) at a size whose build this machine cannot afford in a session."""
+    import numpy as np
+
+    if (folder / "meta.json").exists():
+        return
+    tmp = folder.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name, lo, hi in (("query", 10, 27), ("slot", 42, 131)):
+        lengths = rng.integers(lo, hi, n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(tmp / f"{name}.offsets.npy", offsets)
+        ids = np.lib.format.open_memmap(tmp / f"{name}.ids.npy", "w+", np.int32, (int(offsets[-1]),))
+        step = 50_000_000
+        for a in range(0, len(ids), step):
+            ids[a:a + step] = rng.integers(5, 3000, min(step, len(ids) - a), dtype=np.int32)
+        ids.flush()
+        del ids
+        np.save(tmp / f"{name}.hash.npy", rng.integers(-2**63, 2**63 - 1, n, dtype=np.int64))
+    np.save(tmp / "row.slot_ptr.npy", np.arange(n + 1, dtype=np.int64))
+    np.save(tmp / "row.n_pos.npy", np.ones(n, dtype=np.int64))
+    for k in ("n_neg", "n_cand"):
+        np.save(tmp / f"row.{k}.npy", np.zeros(n, dtype=np.int64))
+    np.save(tmp / "slot.pid.npy", np.arange(n, dtype=np.int64))
+    np.save(tmp / "pid.slot.npy", np.arange(n, dtype=np.int64))
+    (tmp / "meta.json").write_text(json.dumps({"rows": n, "passages": n, "fabricated": True}))
+    tmp.rename(folder)
+
+
+def serve_fabricated(args) -> None:
+    """One rank on a fabricated TokenStore: the data module's own serving code from setup on."""
+    t0 = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    from embedkit.data.contrastive import ContrastiveDataModule, GroupDataset
+    from embedkit.data.store import TokenStore
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    t_import = time.perf_counter()
+    dm = ContrastiveDataModule([lambda: []], batch_size=BATCH, train_group_size=1, query_max_len=32,
+                               passage_max_len=128, group_by_length=True, no_duplicates=True, seed=0,
+                               cache_dir=args.cache, store="arrow")
+    dm.attach_tokenizer(tok)
+    dm.token_store = TokenStore(Path(args.source))       # what _setup_store opens after the build
+    dm.dataset = GroupDataset.from_store(dm.token_store, 1, 0)
+    t_setup = time.perf_counter()
+    _serve(args, dm, t0, t_import, t_setup)
+
+
 def tokenizer_dir() -> Path:
     out = WORK / "tokenizer"
     if not (out / "vocab.txt").exists():
@@ -102,6 +157,10 @@ def rank_main(args) -> None:
     dm.attach_tokenizer(tok)
     dm.setup()
     t_setup = time.perf_counter()
+    _serve(args, dm, t0, t_import, t_setup)
+
+
+def _serve(args, dm, t0: float, t_import: float, t_setup: float) -> None:
     loader = dm.train_dataloader()
     sampler = loader.batch_sampler
     sampler.num_replicas, sampler.rank = RANKS, args.rank
@@ -142,9 +201,13 @@ def main() -> None:
     ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--source"), ap.add_argument("--store"), ap.add_argument("--cache")
+    ap.add_argument("--fabricated", type=int, nargs="*", default=None,
+                    help="serve fabricated token stores of these sizes (no build; see fabricate_tokens)")
     args = ap.parse_args()
     if args.rank is not None:
-        return rank_main(args)
+        return serve_fabricated(args) if args.store == "fabricated" else rank_main(args)
+    if args.fabricated:
+        return fabricated_main(args)
     sizes = args.sizes or ([100_000] if args.quick else [1_000_000, 10_000_000])
     WORK.mkdir(parents=True, exist_ok=True)
     tokenizer_dir()
@@ -178,6 +241,24 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"store{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
+
+
+def fabricated_main(args) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir()
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "python": platform.python_version(), "load_avg": os.getloadavg()},
+               "settings": {"batch_per_rank": BATCH, "ranks": RANKS, "steps": STEPS}, "runs": {}}
+    for n in args.fabricated:
+        folder = WORK / f"fabricated-{n}"
+        t = time.perf_counter()
+        fabricate_tokens(folder, n)
+        du = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        results["runs"][f"fabricated {n}"] = {"fabricate_s": time.perf_counter() - t, "store_mib": du / 2**20,
+                                              "cached": ranks(str(folder), "fabricated", WORK, 1)}
+        print(json.dumps({n: results["runs"][f"fabricated {n}"]}), flush=True)
+    out = ROOT / "benchmarks" / "results" / "store_fabricated.json"
+    out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

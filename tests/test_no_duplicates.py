@@ -35,6 +35,29 @@ def test_every_row_appears_once_and_batches_are_disjoint():
         assert len(texts) == len(set(texts))
 
 
+@pytest.mark.parametrize("vocab", [60, 5_000, 10**9])
+def test_the_hashed_fast_path_packs_exactly_as_the_loop(vocab):
+    """HashedKeys (the store's CSR keys) take a numpy check per batch instead of the loop when
+    nothing is deferred; with few (vocab 60: many conflicts), some or no shared texts (and rows
+    whose query equals their positive), the batches equal the loop's on the same keys as sets."""
+    from embedkit.data.store import HashedKeys
+
+    rng = np.random.default_rng(vocab % 97)
+    n = 3_000
+    per_row = rng.integers(1, 4, n)
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(per_row, out=ptr[1:])
+    values = rng.integers(0, vocab, int(ptr[-1])).astype(np.int64)
+    values[ptr[:-1][::50] + 0] = values[np.minimum(ptr[:-1][::50] + 1, len(values) - 1)]   # self-duplicates
+    hashed = HashedKeys(values, ptr)
+    as_sets = [frozenset(hashed[i]) for i in range(n)]
+    order = rng.permutation(n)
+    for size in (7, 64):
+        fast = pack_without_duplicates(order, hashed, size)
+        slow = pack_without_duplicates(order, as_sets, size)
+        assert [b.tolist() for b in fast] == [b.tolist() for b in slow]
+
+
 def _shared_positive_batches(module):
     module.setup()
     ex = module.examples

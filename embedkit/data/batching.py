@@ -35,6 +35,11 @@ class TokenTable:
     ids: np.ndarray
     offsets: np.ndarray
 
+    def _cache_key(self) -> tuple:
+        """What this epoch's packed batches depend on besides the data."""
+        return (self.epoch, self.seed, self.batch_size, self.num_replicas, id(self.keys), id(self.sources),
+                self.same_source, tuple(self.source_weights or ()), self.group_by_length, self.drop_last)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -112,7 +117,7 @@ class GroupBatchSampler(Sampler):
         self.keys = keys   # text ids per row: no two rows of a (global) batch share one
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
-        self._cached: tuple[int, list[np.ndarray]] | None = None
+        self._cached: tuple[tuple, list[np.ndarray]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -189,7 +194,11 @@ class GroupBatchSampler(Sampler):
         return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self.global_batches()
+        # len() (Lightning asks first) may have packed this epoch already: the same batches.
+        if self._cached is not None and self._cached[0] == self._cache_key():
+            batches = self._cached[1]
+        else:
+            batches = self.global_batches()
         if self._skip is not None and self._skip[0] == self.epoch:
             batches = batches[self._skip[1]:]
             self._skip = None
@@ -197,10 +206,15 @@ class GroupBatchSampler(Sampler):
             part = batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             yield [(int(i), self.epoch) for i in part]
 
+    def _cache_key(self) -> tuple:
+        """What this epoch's packed batches depend on besides the data."""
+        return (self.epoch, self.seed, self.batch_size, self.num_replicas, id(self.keys), id(self.sources),
+                self.same_source, tuple(self.source_weights or ()), self.group_by_length, self.drop_last)
+
     def __len__(self) -> int:
         if self.keys is not None or self.sources is not None:   # count this epoch's batches
-            if self._cached is None or self._cached[0] != self.epoch:
-                self._cached = (self.epoch, self.global_batches())
+            if self._cached is None or self._cached[0] != self._cache_key():
+                self._cached = (self._cache_key(), self.global_batches())
             return len(self._cached[1])
         size = self.batch_size * self.num_replicas
         n = len(self.lengths)

@@ -28,7 +28,22 @@ def pack_without_duplicates(order: np.ndarray, keys: Sequence, size: int) -> lis
     order = np.asarray(order, dtype=np.int64)
     pending: list[int] = []
     batches, pos, n = [], 0, len(order)
+    flat = hasattr(keys, "values") and hasattr(keys, "ptr")   # HashedKeys: one CSR array
     while pending or pos < n:
+        if flat and not pending and pos + size <= n:
+            # The common case at C-MTP scale: nothing deferred and the next `size` rows share no
+            # key, so the loop below would take exactly them; checked in numpy (the Python loop
+            # costs ~60 s per epoch at 10M rows). Any shared key (even within one row) falls
+            # through to the loop, which decides as always.
+            rows = order[pos:pos + size]
+            begin, end = keys.ptr[rows], keys.ptr[rows + 1]
+            counts = end - begin
+            idx = np.repeat(begin - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+            vals = keys.values[idx]
+            if len(np.unique(vals)) == len(vals):
+                batches.append(rows.copy())
+                pos += size
+                continue
         batch, seen, deferred = [], set(), []
         for j, idx in enumerate(pending):
             k = keys[idx]
