@@ -38,11 +38,13 @@ LAYERS = {
     "embedkit.data": 1,
     # 2: encoders, tokenizers and vocabularies (the vocabulary reads the data's corpora).
     "embedkit.models": 2,
-    # 3: what uses a model: training objectives, evaluation, hard-negative mining, data filters.
+    # 3: what uses a model: training objectives, evaluation, hard-negative mining, data filters,
+    # teacher scoring.
     "embedkit.objectives": 3,
     "embedkit.eval": 3,
     "embedkit.mining": 3,
     "embedkit.filters": 3,
+    "embedkit.scoring": 3,   # teacher scores for KD (loads teachers as filters.teacher does)
     # 4: whole runs and what reads them.
     "embedkit.recipes": 4,
     "embedkit.reporting": 4,

@@ -9,8 +9,11 @@ different runs apart, and BGE's instruction goes to retrieval and re-ranking que
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
+
+log = logging.getLogger(__name__)
 
 
 _SUITE_DEFAULT = object()
@@ -20,10 +23,15 @@ class _Suite:
     name = "suite"
 
     def __init__(self, batch_size: int = 128, query_instruction: str | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, max_length: int | None = None, mcls: bool = False,
+                 mcls_interval: int = 256):   # 256: BGE-M3 App. B.2, as MCLS_INTERVAL
         self.batch_size = batch_size
         self.query_instruction = query_instruction
         self.show_progress = show_progress
+        # The dense encoding's token budget and BGE-M3's Multiple CLS (embedkit/eval/encoder.py).
+        self.max_length = max_length
+        self.mcls = mcls
+        self.mcls_interval = mcls_interval
         self._tasks = None
 
     def tasks(self):
@@ -56,7 +64,12 @@ class _Suite:
             mteb_model = MtebEncoder(encoder, model_name=model_name, revision=revision,
                                      query_instruction=self.query_instruction
                                      if query_instruction is _SUITE_DEFAULT else query_instruction,
-                                     embed_dim=getattr(encoder, "dim", None))
+                                     embed_dim=getattr(encoder, "dim", None),
+                                     max_length=self.max_length, mcls=self.mcls,
+                                     mcls_interval=self.mcls_interval)
+        elif self.mcls or self.max_length is not None:
+            log.info("%s: eval.mcls / eval.max_length apply to the dense encoder; this model "
+                     "(%s) encodes as it is built", model_name, type(mteb_model).__name__)
         tasks = self.tasks()
         if task_types:
             tasks = [t for t in tasks if t.metadata.type in set(task_types)]
