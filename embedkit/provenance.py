@@ -52,4 +52,5 @@ def command_line(root: str | Path | None = None) -> str:
             script = str(Path(script).resolve().relative_to(Path(root).resolve()))
         except (ValueError, OSError):
             pass
-    return redact_text(shlex.join(["python", script, *args]))
+    # Masked per argument, then quoted: the masked line still pastes into a shell.
+    return shlex.join(["python", redact_text(script), *(redact_text(str(a)) for a in args)])
