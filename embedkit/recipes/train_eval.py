@@ -436,9 +436,15 @@ def _card_with_eval(step: dict, row_dir: Path, eval_rows: list[dict], suite_name
     write_model_card(done.parent, stage_card(step["cfg"], step["name"], record, eval_rows, suite_name))
 
 
-def _row_counts(examples) -> int | dict[str, int]:
-    """Training rows of a stage: a count, or one per task (MultiTaskDataModule's {task: rows})."""
-    return {k: len(v) for k, v in examples.items()} if isinstance(examples, dict) else len(examples)
+def _row_counts(examples) -> int | dict[str, int] | None:
+    """Training rows of a stage: a count, or one per task (MultiTaskDataModule's {task: rows});
+    None for rows that do not know their number."""
+    if isinstance(examples, dict):
+        return {k: _row_counts(v) for k, v in examples.items()}
+    try:
+        return len(examples)
+    except TypeError:
+        return None
 
 
 def _epochs(trainer) -> float | None:
