@@ -56,7 +56,9 @@ def test_mini_is_the_default_and_runs_on_cpu():
     assert cfg["scale"]["name"] == "mini"
     assert cfg["model"]["name"] == "tiny_zh"
     assert cfg["trainer"]["accelerator"] == "cpu"
-    assert cfg["logger"]["offline"] is True
+    # the default logs to W&B (offline: no key, no network) and CSV together (conf/logger/default.yaml)
+    assert cfg["logger"]["wandb"]["offline"] is True
+    assert cfg["logger"]["csv"]["_target_"].endswith("CSVLogger")
     assert Path(cfg["paths"]["data_dir"]).name == "zh-mini" or "EMBEDKIT_DATA_DIR" in __import__("os").environ
 
 

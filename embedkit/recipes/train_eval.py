@@ -105,21 +105,48 @@ safe_label = runs.safe_label
 
 # ---------------------------------------------------------------- one stage
 
-def make_logger(cfg: DictConfig, name: str, save_dir: Path):
-    if cfg.get("logger") is None:
+def make_logger(cfg: DictConfig, name: str, save_dir: Path) -> list | bool:
+    """The stage's loggers as a list for the Trainer, or False for none (`~logger`, `logger=null`).
+
+    `logger` is one logger config (`_target_`: conf/logger/csv.yaml, wandb.yaml) or a dict of named
+    logger configs, each instantiated (conf/logger/default.yaml: W&B and CSV); a named entry set to
+    null is left out."""
+    node = cfg.get("logger")
+    if node is None:
         return False
-    if cfg.logger.get("_target_", "").endswith("WandbLogger"):
+    if not OmegaConf.is_dict(node):
+        raise ValueError(f"logger: expected a logger config (with _target_) or a dict of them "
+                         f"(conf/logger/default.yaml), got {node!r}")
+    named = {"": node} if "_target_" in node else {k: v for k, v in node.items() if v is not None}
+    loggers = []
+    for key, sub in named.items():
+        if not OmegaConf.is_dict(sub) or "_target_" not in sub:
+            raise ValueError(f"logger.{key}: expected a logger config with _target_ (as in "
+                             f"conf/logger/csv.yaml), got {OmegaConf.to_container(sub) if OmegaConf.is_config(sub) else sub!r}")
+        loggers.append(_instantiate_logger(sub, name, save_dir))
+    return loggers or False
+
+
+def _instantiate_logger(node: DictConfig, name: str, save_dir: Path):
+    if str(node.get("_target_", "")).endswith("WandbLogger"):
         # W&B also reads its mode from the environment; offline must hold without a key or network.
-        if cfg.logger.get("offline", True):
+        if node.get("offline", True):
             os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        return instantiate(cfg.logger, name=name, save_dir=str(save_dir))
-    return instantiate(cfg.logger, save_dir=str(save_dir))
+        return instantiate(node, name=name, save_dir=str(save_dir))
+    return instantiate(node, save_dir=str(save_dir))
 
 
-def finish_logger(logger) -> None:
-    if type(logger).__name__ == "WandbLogger":
-        logger.experiment.finish()
+def finish_logger(loggers) -> None:
+    """Flush `loggers` (a list, one logger, or False) and close their W&B runs, so the next
+    stage's WandbLogger starts its own run instead of appending to this one."""
+    for logger in loggers if isinstance(loggers, (list, tuple)) else [loggers]:
+        if not logger:
+            continue
+        # The eval metrics come after fit's own flush: CSVLogger buffers them until save().
+        logger.save()
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
 
 
 def build_stage(cfg: DictConfig, tokenizer):
@@ -141,6 +168,7 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
                                         step_checkpoint)
     from embedkit.models.export import export_sentence_transformers
     from embedkit.recipes.health import TrainingHealth
+    from embedkit.recipes.model_card import stage_card
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = instantiate(cfg.data)
@@ -152,8 +180,10 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     if logger:
         # This stage's config as it ran; the other stages' nodes are left out (they may not resolve
         # against this stage's objective).
-        logger.log_hyperparams(redact(OmegaConf.to_container(
-            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True)))
+        hparams = redact(OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stages"]), resolve=True))
+        for one in logger:
+            one.log_hyperparams(hparams)
     callbacks = [LearningRateMonitor(logging_interval="step")] if logger else []
     # `callbacks: {name: {_target_: ...}}` (conf/callbacks/): e.g. dynamic hard-negative mining.
     stage_callbacks = {k: instantiate(v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
@@ -180,15 +210,17 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     health.verdict(name)   # no steps, all skipped, or all-zero losses: stop before exporting
 
     model_dir = runs.model_dir(out_dir)
-    # save_pretrained's files plus sentence-transformers' module files: `load_encoder(model_dir)` and
-    # `SentenceTransformer(model_dir)` both read the folder (embedkit/models/export.py).
-    export_sentence_transformers(module.encoder, model_dir)
+    record = {"steps": int(trainer.global_step), "final_train_loss": _metric(trainer, "train/loss"),
+              "train_seconds": round(seconds, 1), "training": health.summary(),
+              "examples": _row_counts(examples), "epochs": _epochs(trainer)}
+    # save_pretrained's files plus sentence-transformers' module files and the model card:
+    # `load_encoder(model_dir)` and `SentenceTransformer(model_dir)` both read the folder
+    # (embedkit/models/export.py); a final stage's card gets its eval table once scored (`run`).
+    export_sentence_transformers(module.encoder, model_dir, card=stage_card(cfg, name, record))
     module.save_extras(model_dir)
     for cb_name, cb in stage_callbacks.items():
         if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
             write_json(runs.callback_summary(out_dir, cb_name), cb.summary())
-    record = {"steps": int(trainer.global_step), "final_train_loss": _metric(trainer, "train/loss"),
-              "train_seconds": round(seconds, 1), "training": health.summary()}
     write_json(model_dir / DONE, record)   # last: the stage counts as trained from here on
     return {"module": module, "logger": logger, "seconds": seconds, "record": record}
 
@@ -299,10 +331,13 @@ def run(cfg: DictConfig) -> float | None:
         # A plain run's label is its override string ("logger=csv ..."): its variants
         # (Matryoshka widths) read better alone. Ablation rows keep "<row> <variant>".
         plain = len(rows) == 1 and row.get("paper_row") is None and not row.get("stages")
+        row_table = []
         for variant, res in results.items():
             label = row["label"] if not variant else (variant if plain else f"{row['label']} {variant}")
-            table_rows.append(row_from_results(label, res))
+            row_table.append(row_from_results(label, res))
             last = res.get("Avg")
+        table_rows += row_table
+        _card_with_eval(row["plan"][-1], row_dir, row_table, suite.name)
 
     ablation = cfg.get("ablation") or {}
     markdown = write_table(table_rows, out_dir, first=ablation.get("column", "run"))
@@ -374,10 +409,10 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         if variant:
             write_json(runs.results_file(variant_dir), results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
-        if logger:
-            prefix = f"eval/{variant}/" if variant else "eval/"
-            logger.log_metrics({f"{prefix}{k}": v for k, v in results.get("categories", {}).items()}
-                               | {f"{prefix}Avg": results.get("Avg")}, step=int(record["steps"]))
+        prefix = f"eval/{variant}/" if variant else "eval/"
+        for one in logger or []:
+            one.log_metrics({f"{prefix}{k}": v for k, v in results.get("categories", {}).items()}
+                            | {f"{prefix}Avg": results.get("Avg")}, step=int(record["steps"]))
     if "" in all_results:
         root = dict(all_results[""])
     else:
@@ -392,6 +427,38 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
     finish_logger(logger)
     _drop_checkpoints(cfg, row_dir)   # the row is done: results.json and model/ are what it keeps
     return all_results
+
+
+def _card_with_eval(step: dict, row_dir: Path, eval_rows: list[dict], suite_name: str) -> None:
+    """Rewrite the row's final model card with its scores: the rows it adds to table.json."""
+    from embedkit.models.export import write_model_card
+    from embedkit.recipes.model_card import stage_card
+
+    done = runs.done_file(row_dir)
+    if not done.is_file():
+        return
+    record = json.loads(done.read_text(encoding="utf-8"))
+    write_model_card(done.parent, stage_card(step["cfg"], step["name"], record, eval_rows, suite_name))
+
+
+def _row_counts(examples) -> int | dict[str, int] | None:
+    """Training rows of a stage: a count, or one per task (MultiTaskDataModule's {task: rows});
+    None for rows that do not know their number."""
+    if isinstance(examples, dict):
+        return {k: _row_counts(v) for k, v in examples.items()}
+    try:
+        return len(examples)
+    except TypeError:
+        return None
+
+
+def _epochs(trainer) -> float | None:
+    """Passes over the training data: batches run (a resumed fit counts its restored ones) over
+    batches per epoch; None when an epoch has no length."""
+    per_epoch = trainer.num_training_batches
+    if not per_epoch or per_epoch == float("inf"):
+        return None
+    return round(trainer.fit_loop.epoch_loop.batch_progress.total.completed / per_epoch, 3)
 
 
 def _drop_checkpoints(cfg: DictConfig, stage_dir: Path) -> None:

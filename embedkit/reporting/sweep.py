@@ -5,6 +5,11 @@ job that failed (no results, an `error` entry: embedkit/recipes/recovery.py `gua
 results.json that cannot be read or parsed) shows up as a row with its error instead of hiding
 the others, and the sweep exits non-zero at the end. `python -m embedkit.reporting.sweep
 <sweep_dir>` rebuilds the table by hand.
+
+When W&B is among the sweep's loggers (`logger=wandb`, or the default's `logger.wandb`), the table
+is also logged as a `wandb.Table` ("sweep_table") in a run of its own, in the experiment's group
+beside the jobs' runs, with the logger's project, tags and offline setting; offline it lands in
+`<sweep_dir>/wandb/offline-run-*` for `wandb sync`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from embedkit import runs
-from embedkit.reporting.tables import row_from_results, write_table
+from embedkit.reporting.tables import COLUMNS, row_from_results, write_table
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,47 @@ def aggregate(sweep_dir: str | Path) -> str:
     return markdown
 
 
+def wandb_logger_config(config) -> dict | None:
+    """The W&B logger's settings in a sweep's config (`logger` itself, or one of its named loggers),
+    resolved; None when W&B is not among the loggers."""
+    from omegaconf import OmegaConf
+
+    node = config.get("logger") if OmegaConf.is_dict(config) else None
+    if not OmegaConf.is_dict(node):
+        return None
+    candidates = [node] if "_target_" in node else [v for v in node.values() if OmegaConf.is_dict(v)]
+    for sub in candidates:
+        if str(sub.get("_target_", "")).endswith("WandbLogger"):
+            # Only the keys used here: save_dir names the job's folder, which a sweep's end has not.
+            return {k: OmegaConf.to_container(sub[k], resolve=True) if OmegaConf.is_config(sub[k]) else sub[k]
+                    for k in ("project", "entity", "group", "tags", "offline") if k in sub}
+    return None
+
+
+def log_wandb_table(rows: list[dict], sweep_dir: str | Path, settings: dict, name: str) -> Path:
+    """Log the sweep table as a wandb.Table in a run of its own; returns the run's folder."""
+    import os
+
+    import wandb
+
+    if settings.get("offline", True):
+        os.environ.setdefault("WANDB_MODE", "offline")   # as the jobs' loggers: no key, no network
+    os.environ.setdefault("WANDB_SILENT", "true")
+    has_error = any("error" in r for r in rows)
+    columns = ["job", *COLUMNS] + (["error"] if has_error else [])
+    data = [[str(r["label"]), *(r.get(c) for c in COLUMNS)] + ([r.get("error", "")] if has_error else [])
+            for r in rows]
+    run = wandb.init(project=settings.get("project"), entity=settings.get("entity"),
+                     group=settings.get("group"), tags=settings.get("tags"), name=name,
+                     job_type="sweep_table", dir=str(sweep_dir),
+                     mode="offline" if settings.get("offline", True) else "online")
+    try:
+        run.log({runs.SWEEP_TABLE: wandb.Table(columns=columns, data=data)})
+        return Path(run.dir).parent
+    finally:
+        run.finish()
+
+
 class SweepTable(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -81,7 +127,14 @@ class SweepTable(Callback):
             return
         markdown = aggregate(sweep_dir)
         print(f"\nSweep table ({runs.table_file(sweep_dir, 'md', runs.SWEEP_TABLE)}):\n\n{markdown}\n")
-        failed = [row for row in collect(sweep_dir) if "error" in row]
+        rows = collect(sweep_dir)
+        settings = wandb_logger_config(config)
+        if settings is not None:
+            try:
+                log_wandb_table(rows, sweep_dir, settings, f"{config.get('experiment_name', 'sweep')}/sweep")
+            except Exception as err:   # noqa: BLE001  the table on disk is what the sweep owes
+                log.warning("could not log the sweep table to W&B (%s); it is in %s", err, sweep_dir)
+        failed = [row for row in rows if "error" in row]
         if failed:
             # The other jobs' results are safe on disk; the exit status still tells scripts and CI.
             raise SystemExit(
