@@ -568,10 +568,10 @@ def test_warmup_chain_dense_then_heads_then_unified(tok, tmp_path):
     resolve(cfg, str(tmp_path / "hydra"))   # sets the Hydra config the paths interpolate
     # unresolved, as the recipe's stage configs: heads_init_from follows each stage's init_from
     base = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    examples, texts = Examples().get(base.data)
+    examples, texts = Examples().get(base.data)   # texts: a callable streaming them
     from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
-    tokenizer = save_tokenizer(build_char_vocab(texts), tmp_path / "tok")
+    tokenizer = save_tokenizer(build_char_vocab(texts()), tmp_path / "tok")
 
     def stage(overrides, init_from):
         s = base.copy()
