@@ -203,6 +203,42 @@ def test_teacher_is_stop_grad():
         assert_close_scaled(grad, expected, RTOL64, what=head)
 
 
+def _listwise_by_index(s, t, G):
+    """m3_kd_loss by removing columns: mean_i Σ_k t_ik · (lse(row i without members < k) − s_i,iG+k)."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        for k in range(G):
+            keep = [j for j in range(s.shape[1]) if not i * G <= j < i * G + k]
+            total = total + t[i, k] * (torch.logsumexp(s[i, keep], 0) - s[i, i * G + k])
+    return total / s.shape[0]
+
+
+def _group_kl_plus_infonce(s, t, G):
+    rows = torch.arange(s.shape[0])
+    own = torch.stack([s[i, i * G:(i + 1) * G] for i in range(s.shape[0])])
+    return -(t * torch.log_softmax(own, -1)).sum(-1).mean() + _ce(s, rows * G)
+
+
+@pytest.mark.parametrize("kd, head_loss", [("m3_kd_loss", _listwise_by_index), ("kl_div", _group_kl_plus_infonce)])
+def test_teacher_distillation_replaces_every_heads_infonce(kd, head_loss):
+    # FlagEmbedding's M3 passes the teacher targets to the dense, sparse, multi-vector and
+    # ensemble losses alike; self-distillation keeps s_inter as its teacher.
+    B, G, tau = 3, 4, 0.02
+    s = _random_scores(B, G, seed=2)
+    t = torch.softmax(torch.randn(B, G, generator=torch.Generator().manual_seed(3), dtype=torch.float64), -1)
+    loss, terms = m3_loss(s, G, tau, teacher=t, kd_loss_type=kd)
+    d, x, m = s["dense"] / tau, s["sparse"] / tau, s["multivec"] / tau
+    inter = d + 0.3 * x + m
+    L = (head_loss(d, t, G) + head_loss(inter, t, G) + 0.1 * head_loss(x, t, G) + head_loss(m, t, G)) / 4
+    teacher = torch.softmax(inter, -1)
+
+    def sd(sx):
+        return -(teacher * torch.log_softmax(sx, -1)).sum(-1).mean()
+
+    assert_close_scaled(terms["main"], L, RTOL64)
+    assert_close_scaled(loss, (L + (sd(d) + 0.1 * sd(x) + sd(m)) / 3) / 2, RTOL64)
+
+
 # ---------------------------------------------------------------------- the module
 
 @pytest.fixture(scope="module")
@@ -608,3 +644,17 @@ def test_warmup_chain_dense_then_heads_then_unified(tok, tmp_path):
     assert any(not torch.equal(final[k], warmed[k]) for k in warmed)
     assert any(not torch.equal(v, after[k])
                for k, v in load_file(str(tmp_path / "unified" / "model" / "model.safetensors")).items())
+
+
+def test_kd_setting_needs_teacher_scores_in_the_batch(tok):
+    m = M3(_encoder(tok), kd_loss_type="m3_kd_loss")
+    batch = _batch(tok, ["上海在哪里", "熊猫吃什么"], ["上海在长江口", "熊猫吃竹子", "长江很长", "茶叶"])
+    emb = m.embed(batch)
+    with pytest.raises(ValueError, match=r"objective.kd_loss_type=m3_kd_loss distils from teacher scores"):
+        m.loss_from_embeddings(emb, batch)
+    scores = torch.tensor([[2.0, -1.0], [0.5, 0.0]], dtype=torch.float64)
+    kd = m.loss_from_embeddings(emb, {**batch, "teacher_scores": scores})
+    plain = M3(_encoder(tok))
+    assert not torch.allclose(kd, plain.loss_from_embeddings(plain.embed(batch), batch))
+    with pytest.raises(ValueError, match="objective.kd_loss_type must be null"):
+        M3(_encoder(tok), kd_loss_type="listwise")

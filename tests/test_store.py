@@ -144,3 +144,75 @@ def test_a_bad_store_setting_is_named(tok):
     dm = ContrastiveDataModule(TASK_SOURCES, store="arrow", cache_dir=None)
     with pytest.raises(ValueError, match="data.cache_dir"):
         dm.examples
+
+
+def _scored_file(tmp_path, n=60):
+    """A jsonl file of n rows, the even ones with teacher scores (pos_scores / neg_scores), and
+    its source: rows share negatives so that passage ids are shared and deduplicated."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        row = {"query": f"问题{i}", "pos": [f"答案{i}", f"回答{i}"],
+               "neg": [f"错误{(i + k) % 17}" for k in range(3)]}
+        if i % 2 == 0:
+            row["pos_scores"] = [round(float(x), 3) for x in rng.normal(3, 1, 2)]
+            row["neg_scores"] = [round(float(x), 3) for x in rng.normal(0, 1, 3)]
+        rows.append(row)
+    f = tmp_path / "train" / "scored.jsonl"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return rows, [partial(zh_mini_jsonl, data_dir=str(tmp_path), file="train/scored.jsonl")]
+
+
+def _collated_scores(dm, epochs=(0, 1)):
+    out = []
+    for epoch in epochs:
+        ds = dm.dataset
+        for i in range(len(ds)):
+            item = ds[(i, epoch)]
+            out.append(item[3])
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            ts = batch.get("teacher_scores")
+            out.append(None if ts is None else ts.tolist())
+    return out
+
+
+def test_both_stores_serve_the_same_teacher_scores(tok, tmp_path):
+    rows, src = _scored_file(tmp_path)
+    kw = dict(sources=src, train_group_size=3, batch_size=4, no_duplicates=False, query_instruction="")
+    memory = _module(tok, tmp_path / "m", store="memory", **kw)
+    arrow = _module(tok, tmp_path / "a", store="arrow", **kw)
+    m, a = _collated_scores(memory), _collated_scores(arrow)
+    assert m == a
+    # each drawn member's score is the one the file gives that text, positive first
+    ds = arrow.dataset
+    for i in range(0, len(rows), 2):
+        group = ds.group(i, 0)
+        texts = [arrow.passage_texts[p] for p in group]
+        by_text = {**dict(zip(rows[i]["pos"], rows[i]["pos_scores"]))}
+        want = [by_text[texts[0]]] + [dict(zip(rows[i]["neg"], rows[i]["neg_scores"]))[t] for t in texts[1:]]
+        assert ds[(i, 0)][3] == want
+        assert ds[(i + 1, 0)][3] is None   # odd rows have none
+    assert arrow.examples[0]["pos_scores"] == rows[0]["pos_scores"]
+    assert "pos_scores" not in arrow.examples[1]
+    # a batch holding an unscored row carries no teacher_scores; one of scored rows only does
+    batches = _collated_scores(arrow, epochs=(0,))[len(rows):]
+    assert any(b is None for b in batches)
+    collate = arrow.train_dataloader().collate_fn
+    batch = collate([ds[(i, 0)] for i in (0, 2, 4)])
+    assert batch["teacher_scores"].shape == (3, 3) and str(batch["teacher_scores"].dtype) == "torch.float64"
+    assert batch["teacher_scores"].tolist() == [ds[(i, 0)][3] for i in (0, 2, 4)]
+    assert "teacher_scores" not in collate([ds[(i, 0)] for i in (0, 1)])
+
+
+@pytest.mark.parametrize("store", ["memory", "arrow"])
+def test_misaligned_teacher_scores_are_named(tok, tmp_path, store):
+    f = tmp_path / "train" / "bad_scores.jsonl"
+    f.parent.mkdir()
+    f.write_text(json.dumps({"query": "问", "pos": ["答"], "neg": ["错", "误"], "pos_scores": [1.0],
+                             "neg_scores": [0.5]}, ensure_ascii=False), encoding="utf-8")
+    src = [partial(zh_mini_jsonl, data_dir=str(tmp_path), file="train/bad_scores.jsonl")]
+    with pytest.raises(ValueError, match=r"`neg_scores` must be a list of 2 numbers, one per `neg` text"):
+        _module(tok, tmp_path / "c", sources=src, store=store, train_group_size=2, no_duplicates=False)

@@ -13,6 +13,13 @@ default), `arrow` keeps them in a memory-mapped on-disk store built once and sha
 length inside shuffled mega-batches to cut padding further (embedkit/data/batching.py, shared with
 the STS and RetroMAE data). Everything is a pure function of the seed and the epoch: two runs with
 the same seed see the same batches.
+
+Teacher scores: rows may carry FlagEmbedding's `pos_scores` / `neg_scores` (one number per `pos` /
+`neg` text, e.g. a reranker's logits). When every row of a batch has them, the batch gets
+`teacher_scores` (B, G), each row's scores in its group's order (positive first), which the
+objectives' `kd_loss_type` distils from (embedkit/objectives/infonce.py). A row without them, or a
+group member without one (a back-filled random passage, a negative that dynamic mining put in),
+leaves the key out of its batch; an objective configured for distillation then raises.
 """
 
 from __future__ import annotations
@@ -31,6 +38,28 @@ from embedkit.data.instructions import instructed_query
 log = logging.getLogger(__name__)
 
 
+def teacher_scores_of(row: dict, where: str) -> tuple[list[float], list[float]] | None:
+    """(pos_scores, neg_scores) of a FlagEmbedding row as floats, or None when it has neither.
+
+    Each must hold one finite number per text of `pos` / `neg` (FlagEmbedding's format); a row
+    with no negatives may leave `neg_scores` out. Anything else is an error naming `where`."""
+    if row.get("pos_scores") is None and row.get("neg_scores") is None:
+        return None
+    out = []
+    for key, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        scores = row.get(key)
+        scores = [] if scores is None and not row.get(texts) else scores
+        n = len(row.get(texts) or ())
+        if not isinstance(scores, (list, tuple)) or len(scores) != n:
+            raise ValueError(f"{where}: `{key}` must be a list of {n} numbers, one per `{texts}` text "
+                             f"(FlagEmbedding's teacher-score format), got {scores!r}")
+        for x in scores:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not np.isfinite(x):
+                raise ValueError(f"{where}: `{key}` must hold finite numbers, got {x!r}")
+        out.append([float(x) for x in scores])
+    return out[0], out[1]
+
+
 class GroupDataset(Dataset):
     """Items are (example index, epoch); the epoch seeds which positive and negatives are drawn."""
 
@@ -45,6 +74,12 @@ class GroupDataset(Dataset):
         # A mined ranking per example (`candidates`, embedkit/mining/ann.py), from which dynamic
         # hard-negative mining (embedkit/mining/dynamic.py) replaces `neg` during training.
         self.candidates = [[passage_index[c] for c in ex.get("candidates", ())] for ex in examples]
+        # Teacher scores by passage id: {pid: score} of the row's own pos and neg (so a negative
+        # that dynamic mining puts in later has none), or None for a row without scores.
+        self.scored = []
+        for i, (ex, pos, neg) in enumerate(zip(examples, self.pos, self.neg)):
+            found = teacher_scores_of(ex, f"training row {i} (query {ex['query'][:40]!r})")
+            self.scored.append(None if found is None else (dict(zip(pos, found[0])), dict(zip(neg, found[1]))))
 
     @classmethod
     def from_store(cls, store, train_group_size: int, seed: int) -> "GroupDataset":
@@ -54,6 +89,7 @@ class GroupDataset(Dataset):
         self.queries, self.passages = store.queries, store.passages
         self.group_size, self.seed = train_group_size, seed
         self.pos, self.neg, self.candidates = store.pos(), store.neg(), store.candidates()
+        self.scored = store.scored()
         return self
 
     def __len__(self) -> int:
@@ -78,10 +114,21 @@ class GroupDataset(Dataset):
                         forbidden.add(cand)
         return group
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray], int]:
+    def teacher_scores(self, index: int, group: list[int]) -> list[float] | None:
+        """The teacher score of each passage id of `group` (positive first), or None if the row
+        has none or a member has none (back-filled, or mined in after the scores were given)."""
+        scored = self.scored[index]
+        if scored is None:
+            return None
+        pos, neg = scored
+        out = [pos.get(group[0])] + [neg.get(p) for p in group[1:]]
+        return None if any(x is None for x in out) else out
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, list[np.ndarray], int, list | None]:
         index, epoch = item
-        return (self.queries.row(index), [self.passages.row(p) for p in self.group(index, epoch)],
-                index)
+        group = self.group(index, epoch)
+        return (self.queries.row(index), [self.passages.row(p) for p in group], index,
+                self.teacher_scores(index, group))
 
 
 class GroupCollator:
@@ -89,11 +136,16 @@ class GroupCollator:
         self.pad_id = pad_id
 
     def __call__(self, items):
-        queries = [q for q, _, _ in items]
-        passages = [p for _, group, _ in items for p in group]
+        queries = [item[0] for item in items]
+        passages = [p for item in items for p in item[1]]
         # `index`: which examples the batch holds, for callbacks that track them (dynamic mining).
-        return {"query": pad_rows(queries, self.pad_id), "passages": pad_rows(passages, self.pad_id),
-                "index": torch.tensor([i for _, _, i in items], dtype=torch.long)}
+        batch = {"query": pad_rows(queries, self.pad_id), "passages": pad_rows(passages, self.pad_id),
+                 "index": torch.tensor([item[2] for item in items], dtype=torch.long)}
+        scores = [item[3] if len(item) > 3 else None for item in items]
+        if all(s is not None for s in scores):
+            # float64: the scores as written; the loss casts them to its own dtype
+            batch["teacher_scores"] = torch.tensor(scores, dtype=torch.float64)
+        return batch
 
 
 class ContrastiveDataModule(TextDataModule):

@@ -17,6 +17,9 @@ lock (the first rank builds, the others wait and open it) and atomically renamed
    numpy arrays opened with `mmap_mode="r"`: query ids, one "slot" per positive/negative/candidate
    text, a 64-bit blake2b hash per query and slot, and the slot -> distinct passage map computed
    from the hashes (first appearance order, so passage ids equal the memory path's `passage_index`).
+   Rows with teacher scores (FlagEmbedding's `pos_scores` / `neg_scores`, two nullable
+   list<double> columns of the Arrow file) add a float64 score per slot (NaN on candidates and on
+   rows without scores) and a per-row flag; data without scores writes neither.
    Keyed by the rows' key, the tokenizer (class and vocabulary), the max lengths and the query
    instruction.
 
@@ -92,9 +95,10 @@ def rows_key(sources: Sequence[Callable], on_bad_row: str, max_examples: int | N
     """The rows' cache key: the sources' settings, and per file its path, size and mtime."""
     from embedkit.data.base import plain
 
-    # "format": the rows file's schema (2: a `file` column), so an older store is never reopened.
+    # "format": the rows file's schema (2: a `file` column; 3: `pos_scores` / `neg_scores`), so an
+    # older store is never reopened.
     h = hashlib.sha1(json.dumps({"on_bad_row": on_bad_row, "max_examples": max_examples, "seed": seed,
-                                 "format": 2},
+                                 "format": 3},
                                 sort_keys=True).encode())
     for source in sources:
         h.update(json.dumps(plain(source), sort_keys=True, ensure_ascii=False, default=repr).encode())
@@ -149,14 +153,17 @@ def _schema():
     import pyarrow as pa
 
     texts = pa.list_(pa.string())
+    scores = pa.list_(pa.float64())   # null on a row without teacher scores
     return pa.schema([("query", pa.string()), ("prompt", pa.string()), ("pos", texts),
                       ("neg", texts), ("candidates", texts), ("source", pa.int32()),
-                      ("file", pa.int32())])
+                      ("file", pa.int32()), ("pos_scores", scores), ("neg_scores", scores)])
 
 
 def _write_rows(sources: Sequence[Callable], on_bad_row: str, path: Path) -> tuple[int, dict]:
     """Stream every source's rows into one Arrow stream file; returns (rows, skipped by file)."""
     import pyarrow as pa
+
+    from embedkit.data.contrastive import teacher_scores_of
 
     schema, skipped, n = _schema(), {}, 0
     cols = {name: [] for name in schema.names}
@@ -180,6 +187,9 @@ def _write_rows(sources: Sequence[Callable], on_bad_row: str, path: Path) -> tup
                 cols["candidates"].append(list(row.get("candidates", ())))
                 cols["source"].append(s)
                 cols["file"].append(files + k)
+                scores = teacher_scores_of(row, f"data.sources[{s}], row {n} (query {row['query'][:40]!r})")
+                cols["pos_scores"].append(None if scores is None else scores[0])
+                cols["neg_scores"].append(None if scores is None else scores[1])
                 n += 1
                 if len(cols["query"]) >= ROW_BATCH:
                     flush(writer)
@@ -233,6 +243,8 @@ class StoreRows(Sequence):
             out["prompt"] = row["prompt"]
         if row["candidates"]:
             out["candidates"] = row["candidates"]
+        if row["pos_scores"] is not None:
+            out["pos_scores"], out["neg_scores"] = row["pos_scores"], row["neg_scores"]
         return out
 
     def __iter__(self):
@@ -243,6 +255,8 @@ class StoreRows(Sequence):
                     out["prompt"] = batch["prompt"][j]
                 if batch["candidates"][j]:
                     out["candidates"] = batch["candidates"][j]
+                if batch["pos_scores"][j] is not None:
+                    out["pos_scores"], out["neg_scores"] = batch["pos_scores"][j], batch["neg_scores"][j]
                 yield out
 
     def source_ids(self) -> np.ndarray:
@@ -391,9 +405,16 @@ class TokenStore:
         self.slot_pid = load(f / "slot.pid.npy")         # slot -> distinct passage id
         self.pid_slot = load(f / "pid.slot.npy")         # distinct passage -> its first slot
         self.passages = IndexedTokenTable(self.slots, self.pid_slot)
+        scored = f / "row.scored.npy"   # absent: no row has teacher scores
+        self.row_scored = load(scored) if scored.exists() else None
+        self.slot_score = load(f / "slot.score.npy") if scored.exists() else None
 
     def __len__(self) -> int:
         return len(self.queries)
+
+    def scored(self) -> "SlotScores":
+        """Per row, its teacher scores by passage id (GroupDataset.scored), read on access."""
+        return SlotScores(self)
 
     def pos(self) -> Slices:
         return Slices(self.slot_pid, self.slot_ptr[:-1], self.n_pos)
@@ -419,6 +440,45 @@ class TokenStore:
         j = np.arange(len(row_of)) - np.repeat(np.cumsum(self.n_pos) - self.n_pos, self.n_pos)
         values[ptr[row_of] + 1 + j] = self.slot_hash[self.slot_ptr[row_of] + j]
         return HashedKeys(values, ptr)
+
+
+class SlotScores(Sequence):
+    """Row i's ({pid: score} of its pos, {pid: score} of its neg) from the slot scores, or None
+    for a row without them. Read from the row's own slots, never from replaced negatives."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int):
+        st, i = self.store, int(i)
+        if st.row_scored is None or not st.row_scored[i]:
+            return None
+        b, n_pos, n_neg = int(st.slot_ptr[i]), int(st.n_pos[i]), int(st.n_neg[i])
+        pids, scores = st.slot_pid[b:b + n_pos + n_neg].tolist(), st.slot_score[b:b + n_pos + n_neg].tolist()
+        return dict(zip(pids[:n_pos], scores[:n_pos])), dict(zip(pids[n_pos:], scores[n_pos:]))
+
+
+def _write_slot_scores(table, ptr: np.ndarray, counts: dict, folder: Path) -> None:
+    """slot.score.npy (float64 per slot, NaN on candidates and unscored rows) and row.scored.npy,
+    if any row has teacher scores; nothing otherwise."""
+    import pyarrow.compute as pc
+
+    scored = pc.is_valid(table.data.column("pos_scores")).to_numpy(zero_copy_only=False)
+    if not scored.any():
+        return
+    score = np.full(int(ptr[-1]), np.nan)
+    rows = np.flatnonzero(scored)
+    for column, start, count in (("pos_scores", ptr[:-1], counts["n_pos"]),
+                                 ("neg_scores", ptr[:-1] + counts["n_pos"], counts["n_neg"])):
+        values = pc.list_flatten(table.data.column(column)).to_numpy()   # null rows give none
+        c = count[rows]
+        within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+        score[np.repeat(start[rows], c) + within] = values
+    np.save(folder / "slot.score.npy", score)
+    np.save(folder / "row.scored.npy", scored)
 
 
 def open_tokens(rows: StoreRows, tokenizer, query_max_len: int, passage_max_len: int,
@@ -468,6 +528,7 @@ def open_tokens(rows: StoreRows, tokenizer, query_max_len: int, passage_max_len:
         ptr = np.zeros(len(table) + 1, dtype=np.int64)
         np.cumsum(counts["n_pos"] + counts["n_neg"] + counts["n_cand"], out=ptr[1:])
         np.save(tmp / "row.slot_ptr.npy", ptr)
+        _write_slot_scores(table, ptr, counts, tmp)
         # Distinct passages by hash, numbered in order of first appearance (the memory path's
         # passage_index walks the rows' pos, neg, candidates in the same order).
         slot_hash = np.load(tmp / "slot.hash.npy")

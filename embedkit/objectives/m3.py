@@ -14,7 +14,14 @@ L_dense is the cross-entropy of this rank's queries against every rank's passage
 with gradient, as InfoNCE's switch), while sparse, multi-vector, s_inter and L' use the local
 (B, B·G) matrices, the dense one being the local block of the gathered scores (FlagEmbedding slices
 it back the same way). On one device, or with the switch off, every term is local.
-The external-teacher "m3_kd_loss" (reranker scores in the data) is not implemented either.
+
+Teacher-score distillation (`kd_loss_type`, FlagEmbedding's `--knowledge_distillation` with
+`--kd_loss_type`): FlagEmbedding's M3 (`EncoderOnlyEmbedderM3Model.forward`) hands the teacher
+targets to every head's loss, so L_dense, L_lex, L_mul and L_inter each become the distillation loss
+of embedkit/objectives/infonce.py `contrastive_loss` (kl_div: the teacher cross-entropy over the
+row's group plus InfoNCE; m3_kd_loss: the listwise loss over the in-batch row, the M3 model's own
+default) on that head's scores; L_dense keeps the cross-device columns when they are on. The
+self-distillation L' is unchanged (its teacher is s_inter, not the external one).
 
 Evaluation (`eval_targets`): the dense encoder on the whole suite (label ""), then the retrieval
 modes on the suite's Retrieval and Reranking tasks through an mteb search model
@@ -70,7 +77,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from embedkit.models.encoder import TextEncoder
 from embedkit.models.m3_heads import (
@@ -83,6 +89,12 @@ from embedkit.models.m3_heads import (
     special_token_ids,
 )
 from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
+from embedkit.objectives.infonce import (
+    check_kd_loss_type,
+    check_teacher_temperature,
+    contrastive_loss,
+    teacher_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +163,15 @@ def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: fl
             ensemble_weights: Mapping[str, float] = DEFAULT_ENSEMBLE_WEIGHTS,
             loss_weights: Mapping[str, float] = DEFAULT_LOSS_WEIGHTS,
             self_distill: bool = True,
-            dense_cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+            dense_cross: tuple[torch.Tensor, int] | None = None,
+            teacher: torch.Tensor | None = None, kd_loss_type: str | None = None,
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The M3 loss from raw (B, B·G) score matrices of the trained heads (keys from HEADS).
 
-    dense_cross: (raw dense scores against every rank's passages, target columns); when given,
-    L_dense is their cross-entropy instead of the local matrix's (cross-device negatives).
+    dense_cross: (raw dense scores against every rank's passages, this rank's query offset, i.e.
+    rank·B); when given, L_dense is taken over them instead of the local matrix (cross-device
+    negatives). teacher, kd_loss_type: the (B, G) teacher distribution and the distillation loss
+    that replaces InfoNCE in L_dense, L_lex, L_mul and L_inter (`contrastive_loss`); None: InfoNCE.
 
     Returns (loss, terms): terms holds every component, e.g. "dense", "inter", "main" (L),
     "distill_dense", "distill" (L').
@@ -164,17 +179,19 @@ def m3_loss(scores: Mapping[str, torch.Tensor], group_size: int, temperature: fl
     heads = [h for h in HEADS if h in scores]
     if not heads:
         raise ValueError("m3_loss needs the score matrix of at least one head")
-    first = scores[heads[0]]
-    target = torch.arange(first.shape[0], device=first.device) * group_size
+
+    def head_loss(s: torch.Tensor, query_offset: int = 0) -> torch.Tensor:
+        return contrastive_loss(s, group_size, query_offset, teacher=teacher, kd_loss_type=kd_loss_type)
+
     scaled = {h: scores[h] / temperature for h in heads}
-    terms = {h: F.cross_entropy(scaled[h], target) for h in heads}
+    terms = {h: head_loss(scaled[h]) for h in heads}
     if dense_cross is not None and "dense" in terms:
-        terms["dense"] = F.cross_entropy(dense_cross[0] / temperature, dense_cross[1])
+        terms["dense"] = head_loss(dense_cross[0] / temperature, dense_cross[1])
     if len(heads) == 1:
         terms["main"] = terms[heads[0]]
         return terms["main"], terms
     inter = sum(ensemble_weights[h] * scaled[h] for h in heads)
-    terms["inter"] = F.cross_entropy(inter, target)
+    terms["inter"] = head_loss(inter)
     main = (sum(loss_weights[h] * terms[h] for h in heads) + terms["inter"]) / (len(heads) + 1)
     terms["main"] = main
     if not self_distill:
@@ -252,12 +269,19 @@ class M3Loss(EmbeddingLoss):
             heads (FlagEmbedding's `fix_encoder`: every parameter but `sparse_linear` and
             `colbert_linear` gets requires_grad False), the heads-only warm-up stage. Dropout stays
             as the trainer sets it, as there.
+        kd_loss_type: None (no external teacher; teacher scores in the batch are ignored),
+            "kl_div" or "m3_kd_loss": distil every head's L from the batch's teacher scores (see
+            the module docstring; FlagEmbedding's `--kd_loss_type`: its CLI default is kl_div,
+            the M3 model class's m3_kd_loss). Set, a batch without `teacher_scores` is an error
+            naming this setting.
+        teacher_temperature: T of softmax(teacher_scores / T) (1: FlagEmbedding has none).
         encoder: the encoder the heads are sized on (its hidden size and special tokens).
 
     Batch:
         {"query": tokens (B rows), "passages": tokens (B·G rows, query i's group at rows
         i·G .. i·G+G−1, its positive first)}, as InfoNCE's; G is read from the shapes and set by
         the data (`data.train_group_size`; the paper fine-tunes with 7 negatives, G = 8).
+        With kd_loss_type set, also "teacher_scores" (B, G), as InfoNCE's.
     """
 
     def __init__(self, encoder: TextEncoder, temperature: float = 0.02,
@@ -270,7 +294,8 @@ class M3Loss(EmbeddingLoss):
                  query_instruction: str | None = None, heads_init_from: str | None = None,
                  negatives_cross_device: bool = False, weights_from: str = DEFAULT_WEIGHTS_FROM,
                  weight_presets: Mapping[str, Mapping[str, Any]] | None = None,
-                 fix_encoder: bool = False):
+                 fix_encoder: bool = False, kd_loss_type: str | None = None,
+                 teacher_temperature: float = 1.0):
         super().__init__()
         if not 0 < temperature <= 1:
             raise ValueError(f"temperature must be in (0, 1], got {temperature}")
@@ -279,6 +304,8 @@ class M3Loss(EmbeddingLoss):
         self.self_distill = bool(self_distill)
         self.self_distill_start_step = int(self_distill_start_step)
         self.negatives_cross_device = bool(negatives_cross_device)
+        self.kd_loss_type = check_kd_loss_type(kd_loss_type)
+        self.teacher_temperature = check_teacher_temperature(teacher_temperature)
         self.weights_from = str(weights_from)
         preset = weight_preset(self.weights_from, weight_presets)
         merged = {}
@@ -381,6 +408,7 @@ class M3Loss(EmbeddingLoss):
         first = next(iter(scores.values()))
         if first.shape[1] % first.shape[0]:
             raise ValueError(f"{first.shape[1]} passages do not split into groups for {first.shape[0]} queries")
+        group = first.shape[1] // first.shape[0]
         dense_cross = None
         if self.negatives_cross_device and "dense" in scores:
             from embedkit.objectives.cross_device import gather_rows
@@ -389,13 +417,15 @@ class M3Loss(EmbeddingLoss):
             all_p, rank = gather_rows(p)
             if all_p is not p:
                 full = dense_scores(q, all_p)
-                group = p.shape[0] // q.shape[0]
-                target = (rank * q.shape[0] + torch.arange(q.shape[0], device=q.device)) * group
-                dense_cross = (full, target)
+                dense_cross = (full, rank * q.shape[0])
                 scores["dense"] = full[:, rank * p.shape[0]:(rank + 1) * p.shape[0]]
-        loss, terms = m3_loss(scores, first.shape[1] // first.shape[0], self.temperature,
+        teacher = None
+        if self.kd_loss_type is not None:
+            teacher = teacher_targets(batch, self.kd_loss_type, self.teacher_temperature,
+                                      first.shape[0], group, torch.promote_types(first.dtype, torch.float32))
+        loss, terms = m3_loss(scores, group, self.temperature,
                               self.ensemble_weights, self.loss_weights, self.distill_active(),
-                              dense_cross=dense_cross)
+                              dense_cross=dense_cross, teacher=teacher, kd_loss_type=self.kd_loss_type)
         self._last_scores = {k: v.detach() for k, v in scores.items()}   # for diagnostics
         self._last_terms = {k: v.detach() for k, v in terms.items()}
         return loss
