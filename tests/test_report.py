@@ -213,3 +213,31 @@ def test_a_smoke_run_is_flagged(tmp_path):
     text = report.render("conan", tmp_path / "logs", tmp_path / "experiments")
     assert "debug=smoke" in text and "smoke-sized" in text
     assert "Paper numbers: not available here" in text
+
+
+def test_the_lexical_floor_row_ends_the_mini_table_and_stays_out_of_the_findings(tmp_path, declared):
+    from embedkit.reporting.tables import FLOOR_KEY, floor_row, write_table
+
+    logs, out = tmp_path / "logs", tmp_path / "experiments"
+    (out / "bge").mkdir(parents=True)
+    (out / "bge" / "cpack_table4.csv").write_text((REPO / "experiments" / "bge" / "cpack_table4.csv").read_text())
+    rows = {"32": _scores(Avg=35.0), "128": _scores(Avg=36.0), "512": _scores(Avg=37.0)}
+    run = write_run(logs / "reproduce" / "bge_ablation_batchsize", rows, overrides=["+experiment=bge_ablation_batchsize"])
+    # as the recipe writes it: the run's rows, then the floor's (embedkit/recipes/train_eval.py)
+    floor = {"tasks": {"STSB": 71.4}, "categories": {c: 10.0 + i for i, c in enumerate(COLUMNS[:-1])}, "Avg": 50.05,
+             "lexical_floor": {"label": "lexical floor: char 1-2-gram TF-IDF -> SVD 256", "settings": {}, "key": "k"}}
+    write_table([{"label": k, **v} for k, v in rows.items()] + [floor_row(floor)], run, first="batch")
+    assert json.loads((run / "table.json").read_text())[-1][FLOOR_KEY]["tasks"] == {"STSB": 71.4}
+
+    loaded = report.load_run(run, "bge_ablation_batchsize")
+    assert list(loaded.rows) == ["32", "128", "512"] and loaded.floor["Avg"] == 50.05
+    # the batch-size series runs over the three batch rows only, as without the floor
+    paper = report.read_paper_table(out / "bge" / "cpack_table4.csv")[1]
+    (avg,) = [f for f in report.findings(declared["bge_ablation_batchsize"], loaded, paper) if f.claim.startswith("Avg")]
+    assert avg.ours == pytest.approx(2.0)
+
+    text = report.render("bge", logs, out)
+    table = text.split("### Mini results")[1].split("###")[0]
+    assert table.strip().splitlines()[-1] == \
+        "| lexical floor: char 1-2-gram TF-IDF -> SVD 256 | 10.00 | 11.00 | 12.00 | 13.00 | 14.00 | 15.00 | 50.05 |"
+    assert "| 512 |" in table

@@ -5,6 +5,9 @@
 
 Both use the same mteb encoder wrapper, so the model name and a per-run revision keep results of
 different runs apart, and BGE's instruction goes to retrieval and re-ranking queries only.
+
+`suite.floor()` scores the lexical floor (embedkit/eval/lexical.py) on the suite's tasks with that
+same evaluation, when `lexical_floor` is on (conf/eval/mini_cmteb.yaml), cached under `cache_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ class _Suite:
 
     def __init__(self, batch_size: int = 128, query_instruction: str | None = None,
                  show_progress: bool = True, max_length: int | None = None, mcls: bool = False,
-                 mcls_interval: int = 256):   # 256: BGE-M3 App. B.2, as MCLS_INTERVAL
+                 mcls_interval: int = 256,   # 256: BGE-M3 App. B.2, as MCLS_INTERVAL
+                 lexical_floor: bool = False, cache_dir: str | Path | None = None):
+        if not isinstance(lexical_floor, bool):
+            raise ValueError(f"eval.lexical_floor must be true or false, got {lexical_floor!r}")
         self.batch_size = batch_size
         self.query_instruction = query_instruction
         self.show_progress = show_progress
@@ -32,6 +38,8 @@ class _Suite:
         self.max_length = max_length
         self.mcls = mcls
         self.mcls_interval = mcls_interval
+        self.lexical_floor = lexical_floor
+        self.cache_dir = cache_dir
         self._tasks = None
 
     def tasks(self):
@@ -75,6 +83,19 @@ class _Suite:
             tasks = [t for t in tasks if t.metadata.type in set(task_types)]
         results = evaluate_tasks(mteb_model, tasks, output_dir, batch_size=self.batch_size,
                                  show_progress=self.show_progress)
+        results["suite"] = self.name
+        return results
+
+    def floor(self) -> dict | None:
+        """The lexical floor's results on the suite's tasks with the suite's instruction (the
+        texts every row's table shares), or None when `lexical_floor` is off. Cached on disk under
+        `cache_dir` by a hash of the task data, those texts and the floor's settings."""
+        if not self.lexical_floor:
+            return None
+        from embedkit.eval.lexical import lexical_floor
+
+        results = lexical_floor(self.tasks(), cache_dir=self.cache_dir, query_instruction=self.query_instruction,
+                                batch_size=self.batch_size, show_progress=self.show_progress)
         results["suite"] = self.name
         return results
 

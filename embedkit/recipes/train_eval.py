@@ -12,7 +12,8 @@
 4. Per row: evaluate the final encoder on the configured suite (mini C-MTEB through mteb by
    default), once per variant the objective names (Matryoshka dims, M3 retrieval modes), and write
    `results.json` and the encoder into the row's folder.
-5. Write the table (Markdown + CSV) and print it beside the paper's table.
+5. Write the table (Markdown + CSV) and print it beside the paper's table; with eval.lexical_floor,
+   the table ends with the lexical floor's row (embedkit/eval/lexical.py), scored before training.
 
 A killed run restarted with `resume=true` runs in the same folder: rows with a clean results.json
 are kept, and the interrupted stage continues from its last checkpoint (embedkit/recipes/recovery.py,
@@ -48,7 +49,9 @@ DONE = runs.DONE
 RESULT_PARTS = ("objective", "data", "model", "trainer", "seed", "callbacks")
 # Settings that change how a run looks, not what it computes: a resume may change them freely.
 COSMETIC = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-            "data.num_workers", "eval.show_progress")
+            "data.num_workers", "eval.show_progress",
+            # the table's lexical floor row and its cache: no row's results depend on them
+            "eval.lexical_floor", "eval.cache_dir")
 
 
 def resolved_parts(cfg: DictConfig, keys=RESULT_PARTS) -> dict:
@@ -282,13 +285,15 @@ def run(cfg: DictConfig) -> float | None:
         print_plan(cfg, planned(cfg, ablation_rows(cfg), out_dir), out_dir)
         return None
     from embedkit.recipes.preflight import preflight
-    from embedkit.reporting.tables import row_from_results, side_by_side, write_table
+    from embedkit.reporting.tables import floor_row, row_from_results, side_by_side, write_table
 
     out_dir = Path(cfg.paths.output_dir)
     claim(out_dir)   # a live run writing this folder (e.g. the same hydra.run.dir) stops this one
     rows = ablation_rows(cfg)
     suite = instantiate(cfg.eval)
     preflight(cfg, rows, suite)   # config types, widths, folders, eval data: before any data is read
+    # The lexical floor row (eval.lexical_floor): before training, so that a failure costs none.
+    floor = suite.floor() if hasattr(suite, "floor") else None
     examples = Examples()
 
     # A resumed row must have been run with these very settings.
@@ -339,6 +344,8 @@ def run(cfg: DictConfig) -> float | None:
         table_rows += row_table
         _card_with_eval(row["plan"][-1], row_dir, row_table, suite.name)
 
+    if floor is not None:
+        table_rows.append(floor_row(floor))
     ablation = cfg.get("ablation") or {}
     markdown = write_table(table_rows, out_dir, first=ablation.get("column", "run"))
     title = f"embedkit {cfg.experiment_name} ({cfg.scale.name} scale, {suite.name})"

@@ -15,7 +15,8 @@ from files: the tables from `table.json`, the setup (model size, data, steps) fr
 `results.json` and the run's `.hydra/config.yaml` / `overrides.yaml`, the paper's numbers from
 `experiments/*/*.csv`, and each finding's verdict from the two deltas. A finding whose paper source
 gives only a direction (Conan: its ablation table is an image in our sources) is compared against
-that stated direction.
+that stated direction. A run's lexical floor row (table.json's row with `lexical_floor`,
+embedkit/eval/lexical.py) ends its mini table; findings see only the other rows (`Run.floor`).
 
 `--wandb ENTITY/PROJECT` also lists the W&B runs of each experiment's group (public API; needs
 network and a `wandb login`). PNGs present in `experiments/<paper>/` are embedded as images.
@@ -40,7 +41,7 @@ from embedkit.reporting import experiments as declared
 from embedkit.reporting import fidelity as fidelity_table
 from embedkit.reporting.experiments import Experiment
 from embedkit.reporting.findings import TIE, Finding, evaluate  # noqa: F401  (Finding, TIE: re-exported)
-from embedkit.reporting.tables import COLUMNS, paper_columns, read_paper_table, to_markdown
+from embedkit.reporting.tables import COLUMNS, is_floor, paper_columns, read_paper_table, to_markdown
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,9 @@ class Run:
     overrides: list[str]
     finished: float                  # table.json's mtime
     errors: dict[str, str] = field(default_factory=dict)
+    # The lexical floor's table.json row (label, columns, `lexical_floor`: per-task scores,
+    # settings), kept out of `rows` so that findings' series and first/last see only the runs.
+    floor: dict | None = None
 
 
 def findings(exp: Experiment, run: Run, paper: list[dict]) -> list[Finding]:
@@ -76,6 +80,8 @@ def _read_json(path: Path) -> dict:
 
 def load_run(folder: Path, experiment: str) -> Run:
     table = json.loads(runs.table_file(folder).read_text(encoding="utf-8"))
+    floor = next((r for r in table if is_floor(r)), None)
+    table = [r for r in table if not is_floor(r)]
     rows = {r["label"]: {c: r.get(c) for c in COLUMNS} for r in table}
     errors = {r["label"]: r["error"] for r in table if r.get("error")}
     results = {}
@@ -92,7 +98,7 @@ def load_run(folder: Path, experiment: str) -> Run:
     ov_path = runs.hydra_file(folder, runs.HYDRA_OVERRIDES)
     overrides = list(yaml.safe_load(ov_path.read_text(encoding="utf-8")) or []) if ov_path.is_file() else []
     return Run(experiment, folder, rows, results, config, raw or {}, overrides,
-               runs.table_file(folder).stat().st_mtime, errors)
+               runs.table_file(folder).stat().st_mtime, errors, floor)
 
 
 def _select(cfg, key: str):
@@ -207,7 +213,8 @@ def experiment_section(exp: Experiment, paper_dir: Path, runs_root: Path, wandb_
     else:
         run = load_run(folders[-1], exp.name)
         parts += ["", "### Mini setup", "", *setup_lines(run), "", "### Mini results", "",
-                  to_markdown([{"label": k, **v} for k, v in run.rows.items()], "row")]
+                  to_markdown([{"label": k, **v} for k, v in run.rows.items()] + ([run.floor] if run.floor else []),
+                              "row")]
     if paper_rows:
         parts += ["", f"### Paper (`{exp.paper_table}`)", "",
                   to_markdown(paper_rows, first, paper_columns(paper_rows))]

@@ -5,6 +5,10 @@ table it reproduces, which lives as data under `experiments/`. A paper's table k
 own columns (C-MTEB's for C-Pack and Conan, the retrieval modes for BGE-M3's MIRACL table): every
 column after the first is a score, except the text columns in NOTE_COLUMNS; an empty cell is a
 number the sources at hand do not give.
+
+A mini run's table ends with the lexical floor's row (`floor_row`, embedkit/eval/lexical.py): in
+table.md and table.json, where that row alone carries the key FLOOR_KEY (its per-task scores, the
+floor's settings and cache key), but not in table.csv, whose rows are the runs that notebooks plot.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from embedkit.atomic_files import write_text_atomic
 COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
 # C-Pack's tables spell the re-ranking column "Re-rank"; the data files use ours.
 NOTE_COLUMNS = ("source",)   # a paper table's text columns: where a row's numbers come from
+FLOOR_KEY = "lexical_floor"  # table.json: the floor row's {tasks, settings, key}; no other row has it
 
 
 def _fmt(value) -> str:
@@ -41,6 +46,19 @@ def row_from_results(label: str, results: dict) -> dict:
         row[col] = categories.get(col)
     row["Avg"] = results.get("Avg")
     return row
+
+
+def floor_row(results: dict) -> dict:
+    """The lexical floor's table row from its results (`suite.floor()`)."""
+    floor = results.get(FLOOR_KEY) or {}
+    row = row_from_results(floor.get("label", "lexical floor"), results)
+    row[FLOOR_KEY] = {"tasks": results.get("tasks", {}), "settings": floor.get("settings"),
+                      "key": floor.get("key")}
+    return row
+
+
+def is_floor(row: dict) -> bool:
+    return FLOOR_KEY in row
 
 
 def to_markdown(rows: Sequence[dict], first: str, columns: Sequence[str] = COLUMNS) -> str:
@@ -101,7 +119,7 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, first: str, stem: str
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows, first)
     write_text_atomic(runs.table_file(out, "md", stem), markdown + "\n")
-    write_text_atomic(runs.table_file(out, "csv", stem), to_csv(rows, first))
+    write_text_atomic(runs.table_file(out, "csv", stem), to_csv([r for r in rows if not is_floor(r)], first))
     write_text_atomic(runs.table_file(out, "json", stem), json.dumps(list(rows), indent=2, ensure_ascii=False))
     return markdown
 
