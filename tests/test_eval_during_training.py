@@ -103,3 +103,22 @@ def test_bad_settings_name_the_key(compose_run, tmp_path):
     with pytest.raises(ValueError, match="keep_best needs eval.during_training.every_n_steps"):
         from_config(cfg, "t", tmp_path)
     assert from_config(compose_run(["debug=smoke"]), "t", tmp_path) == (None, None)
+
+
+def test_sharded_strategies_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from embedkit.eval.callback import EvalDuringTraining
+
+    class FSDPStrategy:
+        pass
+
+    class DeepSpeedStrategy:
+        zero_stage_3 = True
+
+    check = EvalDuringTraining(_RandomSuite(), every_n_steps=1, name="t", output_dir=tmp_path)
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy()):
+        with pytest.raises(ValueError, match="rank 0 alone.*every_n_steps=null"):
+            check.setup(SimpleNamespace(strategy=strategy), None, "fit")
+    DeepSpeedStrategy.zero_stage_3 = False   # ZeRO-1 shards the optimizer only: checks run
+    check.setup(SimpleNamespace(strategy=DeepSpeedStrategy()), None, "fit")

@@ -48,6 +48,14 @@ class EvalDuringTraining(Callback):
         self.output_dir, self.model_name = Path(output_dir), model_name
         self.history: list[dict[str, Any]] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        strategy = trainer.strategy
+        if type(strategy).__name__.startswith("FSDP") or getattr(strategy, "zero_stage_3", False):
+            # Rank 0 encodes alone; sharded parameters would wait for the other ranks' all-gather.
+            raise ValueError(f"eval.during_training: the checks run on rank 0 alone, which "
+                             f"{type(strategy).__name__}'s sharded parameters do not allow; train with "
+                             "DDP (trainer=ddp) or set eval.during_training.every_n_steps=null")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = int(trainer.global_step)
         # Called per batch: with gradient accumulation the step repeats until the optimizer steps.
