@@ -19,8 +19,12 @@ import embedkit.config  # noqa: F401  registers the ${embedkit_root:} resolver
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from embedkit import console
     from embedkit.recipes.recovery import guarded
     from embedkit.recipes.train_eval import run
+
+    # After Hydra's logging setup: warnings to run.log, third-party noise off the console.
+    console.setup()
 
     # In a `-m` sweep a failing job records its error in its results.json and the sweep goes on.
     return guarded(run, cfg)

@@ -82,7 +82,8 @@ def evaluate_tasks(
     import datasets
     import mteb
     from threadpoolctl import threadpool_limits
-    from tqdm.auto import tqdm
+
+    from embedkit.console import progress
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,10 @@ def evaluate_tasks(
         # our 2-core machines multi-threaded OpenBLAS made those ~10x slower than one thread (TNews
         # classification on 150 rows: 20 s -> 2 s). torch has its own thread pool; encoding is unaffected.
         stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-        bar = tqdm(tasks, desc="mteb tasks", disable=not show_progress)
+        # One bar over the tasks (plain lines outside a terminal: embedkit/console.py); the bars
+        # inside a task (our encoder's batches, mteb's corpus chunks and reranked queries) are off:
+        # nested in ours they broke into fragments, and a task takes seconds at mini scale.
+        bar = progress(tasks, desc="mteb tasks", enabled=show_progress)
         for task in bar:
             name = task.metadata.name
             bar.set_postfix_str(name)
@@ -108,7 +112,7 @@ def evaluate_tasks(
                     task,
                     cache=cache,
                     overwrite_strategy="always",
-                    encode_kwargs={"batch_size": batch_size, "show_progress_bar": show_progress},
+                    encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
                     show_progress_bar=False,
                     co2_tracker=False,
                     raise_error=True,

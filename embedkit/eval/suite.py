@@ -12,9 +12,10 @@ same evaluation, when `lexical_floor` is on (conf/eval/mini_cmteb.yaml), cached 
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,14 @@ class _Suite:
     def __init__(self, batch_size: int = 128, query_instruction: str | None = None,
                  show_progress: bool = True, max_length: int | None = None, mcls: bool = False,
                  mcls_interval: int = 256,   # 256: BGE-M3 App. B.2, as MCLS_INTERVAL
-                 lexical_floor: bool = False, cache_dir: str | Path | None = None):
+                 lexical_floor: bool = False, cache_dir: str | Path | None = None,
+                 during_training: Mapping | None = None):
         if not isinstance(lexical_floor, bool):
             raise ValueError(f"eval.lexical_floor must be true or false, got {lexical_floor!r}")
         self.batch_size = batch_size
+        # `eval.during_training` (conf/eval/mini_cmteb.yaml): read by embedkit/eval/callback.py,
+        # which scores `subset(...)` of this suite every N optimizer steps.
+        self.during_training = dict(during_training or {})
         self.query_instruction = query_instruction
         self.show_progress = show_progress
         # The dense encoding's token budget and BGE-M3's Multiple CLS (embedkit/eval/encoder.py).
@@ -49,6 +54,18 @@ class _Suite:
 
     def _load_tasks(self):
         raise NotImplementedError
+
+    def subset(self, tasks: Sequence[str] | None = None, max_rows: int | None = None) -> "_Suite":
+        """A copy of the suite on the tasks named `tasks` (None: the suite's own selection) with at
+        most `max_rows` rows each (None: the suite's own cap; never above it), without progress output."""
+        if max_rows is not None:
+            raise ValueError(f"{type(self).__name__} takes no row cap: eval.during_training.max_rows "
+                             f"must be null for eval={self.name}")
+        part = copy.copy(self)
+        part._tasks, part.show_progress = None, False
+        if tasks is not None:
+            part.task_names = list(tasks)
+        return part
 
     def check(self) -> None:
         """Load the tasks now, before training (embedkit/recipes/preflight.py): an unknown task
@@ -119,6 +136,12 @@ class MiniCMTEB(_Suite):
         self.seed = seed
         self.task_dirs = None if task_dirs is None else list(task_dirs)
         self.extra_task_dirs = list(extra_task_dirs or ())
+
+    def subset(self, tasks: Sequence[str] | None = None, max_rows: int | None = None) -> "MiniCMTEB":
+        part = super().subset(tasks)
+        if max_rows is not None:   # never more rows than the suite itself reads (debug=smoke caps it)
+            part.max_rows = max_rows if self.max_rows is None else min(max_rows, self.max_rows)
+        return part
 
     def task_folders(self) -> list[Path]:
         """The suite's task folders, bundled ones first, in the configured order."""

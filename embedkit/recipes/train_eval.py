@@ -48,10 +48,12 @@ DONE = runs.DONE
 
 RESULT_PARTS = ("objective", "data", "model", "trainer", "seed", "callbacks")
 # Settings that change how a run looks, not what it computes: a resume may change them freely.
+# The checks during training leave the training and the exported (last) model as they are.
 COSMETIC = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
             "data.num_workers", "eval.show_progress",
             # the table's lexical floor row and its cache: no row's results depend on them
-            "eval.lexical_floor", "eval.cache_dir")
+            "eval.lexical_floor", "eval.cache_dir",
+            *(f"eval.during_training.{k}" for k in ("every_n_steps", "tasks", "max_rows", "keep_best")))
 
 
 def resolved_parts(cfg: DictConfig, keys=RESULT_PARTS) -> dict:
@@ -136,6 +138,9 @@ def _instantiate_logger(node: DictConfig, name: str, save_dir: Path):
         if node.get("offline", True):
             os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
+        from embedkit.console import quiet_wandb
+
+        quiet_wandb()
         return instantiate(node, name=name, save_dir=str(save_dir))
     return instantiate(node, save_dir=str(save_dir))
 
@@ -169,6 +174,9 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
 
     from embedkit.checkpointing import (CKPT_DIR, AtomicCheckpointIO, RngState, latest_checkpoint,
                                         step_checkpoint)
+    from embedkit.console import StageProgress
+    from embedkit.eval.callback import best_record
+    from embedkit.eval.callback import from_config as eval_during_training
     from embedkit.models.export import export_sentence_transformers
     from embedkit.recipes.health import TrainingHealth
     from embedkit.recipes.model_card import stage_card
@@ -192,11 +200,21 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     stage_callbacks = {k: instantiate(v) for k, v in (cfg.get("callbacks") or {}).items() if v is not None}
     health = instantiate(cfg.checks) if cfg.get("checks") else TrainingHealth()
     callbacks += list(stage_callbacks.values()) + [health]
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Steps, loss, samples/s, ETA and a summary line; plain lines outside a terminal.
+        callbacks.append(StageProgress(name))
+    # eval.during_training: a subset of the suite every N steps (val/*), and the best check's weights.
+    evaluator, best = eval_during_training(cfg, name, out_dir)
     every = int((cfg.get("checkpoint") or {}).get("every_n_train_steps") or 0)
     ckpt_dir, resume_from, extra = out_dir / CKPT_DIR, None, {}
+    if evaluator is not None:
+        callbacks.append(evaluator)
+    if every > 0 or best is not None:
+        extra = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
+    if best is not None:
+        callbacks.append(best)
     if every > 0:
         callbacks += [step_checkpoint(ckpt_dir, every), RngState()]
-        extra = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
         resume_from = latest_checkpoint(ckpt_dir)
     # GradCache runs under manual optimisation: it takes clipping and accumulation from the trainer.
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **extra,
@@ -216,12 +234,14 @@ def train_stage(cfg: DictConfig, name: str, tokenizer, examples: list[dict], out
     record = {"steps": int(trainer.global_step), "final_train_loss": _metric(trainer, "train/loss"),
               "train_seconds": round(seconds, 1), "training": health.summary(),
               "examples": _row_counts(examples), "epochs": _epochs(trainer)}
+    if best_record(best) is not None:
+        record["best"] = best_record(best)   # model/ below is the last step's, not the best's
     # save_pretrained's files plus sentence-transformers' module files and the model card:
     # `load_encoder(model_dir)` and `SentenceTransformer(model_dir)` both read the folder
     # (embedkit/models/export.py); a final stage's card gets its eval table once scored (`run`).
     export_sentence_transformers(module.encoder, model_dir, card=stage_card(cfg, name, record))
     module.save_extras(model_dir)
-    for cb_name, cb in stage_callbacks.items():
+    for cb_name, cb in {**stage_callbacks, "eval_during_training": evaluator}.items():
         if hasattr(cb, "summary"):   # what the callback did (DHNM: refresh counts, score curves)
             write_json(runs.callback_summary(out_dir, cb_name), cb.summary())
     write_json(model_dir / DONE, record)   # last: the stage counts as trained from here on
