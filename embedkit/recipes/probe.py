@@ -1,4 +1,4 @@
-"""A Lightning callback that records what a stage's first training step really ran with.
+"""A Lightning callback that records what a stage's training steps really ran with.
 
 `python run.py ... +stages.<name>.callbacks.probe={_target_: embedkit.recipes.probe.SettingsProbe,
 out_dir: DIR}` (or `callbacks.probe` for a single-stage run) writes, on every rank and for every
@@ -8,10 +8,11 @@ order) with:
 - `world_size`, `rank`, the trainer's `precision`, `strategy` and `max_steps`;
 - `lr`: each optimiser parameter group's `initial_lr` and the scheduler's `base_lrs` (the lr of
   step 0 is the warm-up's 0, so the base is what the config set);
-- `batch`: this rank's rows per task in the first batch, and `global_batch`: their sum over ranks;
+- `batch`: this rank's rows per task in the first batch holding the task, and `global_batch`:
+  their sum over ranks;
 - `losses`: per loss module (`named_modules` of the objective's loss, "" the loss itself) the
   settings it holds (temperature, negatives_cross_device, Matryoshka dims, M3 and multi-task
-  weights, ...), and, from its first forward call, `queries` and `passages` on this rank and
+  weights, ...), and, from its first forward call with passages, `queries` and `passages` on this rank and
   `candidates_per_query`: the passages each query is scored against, summed over ranks when the
   loss gathers them (negatives_cross_device), so `negatives_per_query = candidates − 1`;
 - `embedding_dim`: the encoder's output width; `data`: the data module's masking ratios, group
@@ -72,7 +73,6 @@ class SettingsProbe(pl.Callback):
         self.out_dir = Path(out_dir)
         self.record: dict = {}
         self._hooks: list = []
-        self._written = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         scheduler = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
@@ -108,17 +108,16 @@ class SettingsProbe(pl.Callback):
         return hook
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if "batch" not in self.record:
-            rows = _rows(batch)
-            self.record["batch"] = rows
-            self.record["global_batch"] = {k: _sum_over_ranks(v) for k, v in rows.items()}
+        # each task's first batch (sequential multi-task steps hold one task each)
+        rows = {k: v for k, v in _rows(batch).items() if k not in self.record.setdefault("batch", {})}
+        self.record["batch"].update(rows)
+        self.record.setdefault("global_batch", {}).update({k: _sum_over_ranks(v) for k, v in rows.items()})
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._written:   # one step is what is recorded; later steps run unobserved
-            for h in self._hooks:
-                h.remove()
-            self._hooks, self._written = [], True
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            rank = trainer.global_rank
-            k = len(list(self.out_dir.glob(f"fit-*-rank{rank}.json")))
-            (self.out_dir / f"fit-{k:02d}-rank{rank}.json").write_text(json.dumps(self.record, indent=1))
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        k = len(list(self.out_dir.glob(f"fit-*-rank{rank}.json")))
+        (self.out_dir / f"fit-{k:02d}-rank{rank}.json").write_text(json.dumps(self.record, indent=1))
