@@ -28,6 +28,7 @@ clean results.json) and `sweep_table.{md,csv,json}`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -68,9 +69,20 @@ def callback_summary_name(callback: str) -> str:
 
 # ---------------------------------------------------------------- folders
 
+#: The longest `safe_label`: a folder name must stay under the filesystems' 255 bytes, with room
+#: for what mteb and the recipe add around it (a plain run's label is its whole override string).
+MAX_LABEL = 120
+
+
 def safe_label(label: str) -> str:
-    """A row or variant label as a folder name (`+DHNM` stays, `BGE w.o. pre-train` -> `BGE_w.o._pre-train`)."""
-    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)).strip("_") or "run"
+    """A row or variant label as a folder name (`+DHNM` stays, `BGE w.o. pre-train` -> `BGE_w.o._pre-train`).
+    A name longer than MAX_LABEL keeps its start and ends in a hash of the whole label, so two long
+    labels that differ only at their end stay apart."""
+    name = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(label)).strip("_") or "run"
+    if len(name) <= MAX_LABEL:
+        return name
+    digest = hashlib.sha1(str(label).encode()).hexdigest()[:10]
+    return f"{name[:MAX_LABEL - 11].rstrip('_')}_{digest}"
 
 
 def inside(base: str | Path, *parts: str) -> Path:

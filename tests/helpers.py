@@ -167,3 +167,78 @@ def write_run(folder: Path, rows: dict[str, dict], overrides=("+experiment=x",),
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     return folder
+
+
+# ---------------------------------------------------------------- the paper path on local stand-ins
+
+#: conf/scale/paper.yaml `corpora`: folder under EMBEDKIT_PAPER_DATA_DIR -> the zh-mini train files
+#: whose rows stand in for it (two files where the stage batches one file per global batch).
+PAPER_STANDINS = {
+    "c-mtp": ["nli_triplets.jsonl"],
+    "c-mtp-labeled": ["nli_triplets.jsonl", "stsb_hardneg.jsonl"],
+    "bge-m3-finetune": ["nli_triplets.jsonl", "stsb_hardneg.jsonl"],
+    "conan-pretrain": ["nli_triplets.jsonl"],
+    "conan-retrieval": ["stsb_hardneg.jsonl"],
+    "conan-sts": ["stsb_pairs.jsonl"],
+}
+
+
+def _jsonl_rows(path: Path, n: int) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def write_paper_standins(root: Path, rows_per_file: int = 48, negatives: int = 8) -> Path:
+    """Small files in the paper corpora's formats under `root` (EMBEDKIT_PAPER_DATA_DIR), written
+    from the first rows of zh-mini's train/ files (read in place, never copied whole):
+    wudao/*.jsonl `{"content"}`, FlagEmbedding `{"query", "pos", "neg"}` jsonl for C-MTP, C-MTP
+    labeled, BGE-M3's and Conan's retrieval data (negatives padded to `negatives` from other rows,
+    so every group size the paper configs ask for can be filled), `{"sentence1", "sentence2",
+    "score"}` for Conan's STS."""
+    root = Path(root)
+    for folder, files in PAPER_STANDINS.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            rows = _jsonl_rows(DATA / "train" / name, rows_per_file)
+            if "query" in rows[0]:
+                pool = [p for r in rows for p in r["pos"]]
+                for i, r in enumerate(rows):
+                    others = [p for j, p in enumerate(pool) if p not in r["pos"]]
+                    r["neg"] = (list(r.get("neg") or []) + others[i:] + others[:i])[:negatives]
+            with open(root / folder / name, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (root / "wudao").mkdir(parents=True, exist_ok=True)
+    texts = [p for r in _jsonl_rows(DATA / "train" / "cmrc_pairs.jsonl", rows_per_file) for p in r["pos"]]
+    with open(root / "wudao" / "part-0.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"content": t}, ensure_ascii=False) + "\n" for t in texts)
+    return root
+
+
+def paper_standin_texts(root: Path, eval_dirs: Sequence[Path] = ()) -> list[str]:
+    """Every text of the stand-in files (and of `eval_dirs`' jsonl files), for a vocabulary."""
+    texts = []
+    for path in sorted(Path(root).rglob("*.jsonl")) + [p for d in eval_dirs for p in sorted(Path(d).glob("*.jsonl"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            for value in json.loads(line).values():
+                texts += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return texts
+
+
+def write_local_bert(folder: Path, texts: Sequence[str], hidden: int = 32, layers: int = 2, heads: int = 4,
+                     seed: int = 0) -> Path:
+    """A Hugging Face BERT checkpoint in `folder`, laid out as a hub checkpoint: save_pretrained's
+    config and weights, with the masked-LM head RetroMAE's `mlm_head_init: from_model` copies, and a
+    BERT WordPiece tokenizer over every character of `texts` (embedkit.models.vocab's)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from embedkit.models.vocab import build_char_vocab, save_tokenizer
+
+    folder = Path(folder)
+    tok = save_tokenizer(build_char_vocab(texts), folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden,
+                        max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    BertForMaskedLM(config).save_pretrained(folder)
+    return folder

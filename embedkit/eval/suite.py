@@ -163,20 +163,31 @@ class MiniCMTEB(_Suite):
 
 
 class OfficialCMTEB(_Suite):
+    """`tasks` names C-MTEB tasks; an entry may also be an mteb task object (e.g.
+    `{_target_: embedkit.eval.tasks.build_task, task_dir: ...}`, a local folder standing in for a
+    hub task): it is evaluated as given, through the same mteb path, and needs no hub."""
+
     name = "cmteb"
 
     def __init__(self, task_types: Sequence[str] | None = None,
-                 tasks: Sequence[str] | None = None, **kwargs):
+                 tasks: Sequence | None = None, **kwargs):
         super().__init__(**kwargs)
         self.task_types = None if task_types is None else list(task_types)
-        self.task_names = None if tasks is None else list(tasks)   # [] selects nothing: an error
+        tasks = None if tasks is None else list(tasks)   # [] selects nothing: an error
+        self.given_tasks = [t for t in tasks or () if not isinstance(t, str)]
+        self.task_names = None if tasks is None else [t for t in tasks if isinstance(t, str)]
 
     def _load_tasks(self):
         from embedkit.eval.cmteb import official_cmteb_tasks
 
-        if self.task_types == [] or self.task_names == []:
+        if self.task_types == [] or (self.task_names == [] and not self.given_tasks):
             raise ValueError("no tasks selected: eval.task_types or eval.tasks is an empty list; "
                              "name some, or give null for every C-MTEB task")
+        bad = [t for t in self.given_tasks if not hasattr(t, "metadata")]
+        if bad:
+            raise TypeError(f"eval.tasks: {bad} are neither C-MTEB task names nor mteb tasks")
+        if self.given_tasks and not self.task_names:
+            return list(self.given_tasks)
         tasks = official_cmteb_tasks(self.task_types)
         if self.task_names is not None:
             known = {t.metadata.name for t in tasks}
@@ -184,4 +195,4 @@ class OfficialCMTEB(_Suite):
             if missing:
                 raise ValueError(f"not C-MTEB tasks: {missing}; known: {sorted(known)}")
             tasks = [t for t in tasks if t.metadata.name in self.task_names]
-        return tasks
+        return tasks + self.given_tasks
