@@ -576,3 +576,22 @@ def test_config_keeps_the_mask_ratios_with_the_data():
     assert "encoder_mask_ratio" not in cfg.objective   # only the collator applies them
     assert cfg.objective.lr == 1e-4 and cfg.objective.warmup_ratio == 0.1
     assert cfg.objective.optimizer.weight_decay == 0.01 and cfg.objective.optimizer.lr == 1e-4
+
+
+def test_a_batch_with_nothing_masked_still_reaches_every_head_parameter():
+    """Under DDP every parameter must get a gradient each step: a batch without a masked position
+    (short or unknown texts) gives a zero loss that still runs through the MLM head."""
+    import torch
+
+    from embedkit.objectives.retromae import _masked_ce
+
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = _masked_ce(head, hidden, labels)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in head.parameters())
+    labels[0, 1] = 3
+    assert float(_masked_ce(head, hidden, labels)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(head(hidden[0, 1:2]), labels[0, 1:2])))

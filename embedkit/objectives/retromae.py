@@ -149,10 +149,12 @@ class MLMHeadTransform(nn.Module):
 
 
 def _masked_ce(logits_fn, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over positions with a label; head applied only there. Zero (with grad) if none."""
+    """Mean CE over positions with a label; head applied only there. Zero (with grad) if none:
+    through the head on one position, so that under DDP a batch with nothing masked still gives
+    every head parameter a (zero) gradient instead of failing DDP's unused-parameter check."""
     keep = labels != -100
     if not bool(keep.any()):
-        return hidden.sum() * 0.0
+        return logits_fn(hidden.reshape(-1, hidden.shape[-1])[:1]).sum() * 0.0
     return F.cross_entropy(logits_fn(hidden[keep]), labels[keep])
 
 
