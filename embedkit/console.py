@@ -18,6 +18,7 @@ at most every `LINE_EVERY_S` seconds, and one at the end.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -111,13 +112,15 @@ def setup() -> None:
         if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
             handler.addFilter(ConsoleFilter())
     warnings.showwarning = _show_warning
-    try:
+    # save_pretrained's "Writing model shards" bar: one shard, one step, at every export.
+    # transformers reads huggingface_hub's switch when it is imported; importing it here would
+    # pull torch into `plan=true`, which must stay light (tests/test_plan.py). Set
+    # HF_HUB_DISABLE_PROGRESS_BARS=0 to keep the hub's bars (e.g. checkpoint downloads).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        # save_pretrained's "Writing model shards" bar: one shard, one step, at every export.
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def quiet_wandb() -> None:
