@@ -231,8 +231,9 @@ def test_infonce_blocked_pass_two_equals_autograd(tok, rows):
                                    lambda enc, x: M3(enc, negatives_cross_device=x)])
 def test_cross_device_switch_is_plain_on_one_process(tok, build):
     """Without a process group the switch changes nothing (tests/test_distributed.py: 2 ranks):
-    both paths run the same kernels on the same inputs, so the losses are bitwise equal."""
+    the same scores and targets; InfoNCE's cross-device path scores its queries by offset into the
+    gathered passages (as FlagEmbedding's), which may round the last float32 bit differently."""
     batch = pair_batch(tok)
     on, off = build(encoder(tok), True), build(encoder(tok), False)
     torch.testing.assert_close(on.loss_from_embeddings(on.embed(batch), batch),
-                               off.loss_from_embeddings(off.embed(batch), batch), rtol=0, atol=0)
+                               off.loss_from_embeddings(off.embed(batch), batch), rtol=1e-6, atol=0)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from embedkit.data.batching import GroupBatchSampler
-from test_store import TASK_SOURCES, _epochs, _module, tok  # noqa: F401  (tok: the shared fixture)
+from helpers import TASK_SOURCES, store_epochs as _epochs, store_module as _module, store_task_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return store_task_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def _sampler(sources, **kw):

@@ -304,7 +304,7 @@ def test_hyperparameters_given_to_the_logger_are_redacted(tmp_path, monkeypatch)
             logged.update(params)
             raise Stop   # before training: only the hand-over is under test
 
-    monkeypatch.setattr(recipe, "make_logger", lambda cfg, name, save_dir: Logger())
+    monkeypatch.setattr(recipe, "make_logger", lambda cfg, name, save_dir: [Logger()])   # make_logger gives a list
     monkeypatch.setattr(recipe, "instantiate", lambda node, **kwargs: _Stub())
     cfg = OmegaConf.create({"seed": 0, "data": {}, "objective": {}, "trainer": {},
                             "model": {"encoder": {}, "init_from": None},

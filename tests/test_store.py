@@ -8,52 +8,16 @@ from functools import partial
 import numpy as np
 import pytest
 
-from helpers import DATA
+from helpers import DATA, TASK_SOURCES, store_epochs as _epochs, store_module as _module, store_task_tokenizer
 from embedkit.data.contrastive import ContrastiveDataModule
 from embedkit.data.sources import zh_mini_jsonl
 from embedkit.data.store import text_hash
 from embedkit.models.vocab import build_char_vocab, save_tokenizer
 
-# zh-mini's task files as conf/data/zh_mini_task.yaml lists them (prompts included)
-TASK_SOURCES = [partial(zh_mini_jsonl, data_dir=str(DATA), file="train/nli_triplets.jsonl", prompt=""),
-                partial(zh_mini_jsonl, data_dir=str(DATA), file="train/stsb_hardneg.jsonl", prompt=""),
-                partial(zh_mini_jsonl, data_dir=str(DATA), file="train/cmrc_pairs.jsonl")]
-
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = []
-    for f in ("nli_triplets", "stsb_hardneg", "cmrc_pairs"):
-        for line in (DATA / "train" / f"{f}.jsonl").open(encoding="utf-8"):
-            r = json.loads(line)
-            texts += [r["query"], *r["pos"], *r.get("neg", [])]
-    return save_tokenizer(build_char_vocab(texts + ["为这个句子生成表示以用于检索相关文章："], min_freq=2),
-                          tmp_path_factory.mktemp("tok"))
-
-
-def _module(tok, cache, sources=TASK_SOURCES, **kw):
-    args = dict(batch_size=16, train_group_size=4, query_max_len=48, passage_max_len=96, seed=3,
-                query_instruction="为这个句子生成表示以用于检索相关文章：", no_duplicates=True,
-                cache_dir=str(cache), store_num_proc=2)
-    args.update(kw)
-    dm = ContrastiveDataModule(list(sources), **args)
-    dm.attach_tokenizer(tok)
-    dm.setup()
-    return dm
-
-
-def _epochs(dm, epochs=(0, 1), limit=None):
-    """(indices, query ids, passage ids) of every batch of `epochs`."""
-    loader = dm.train_dataloader()
-    out = []
-    for epoch in epochs:
-        loader.batch_sampler.set_epoch(epoch)
-        for n, (idx, batch) in enumerate(zip(loader.batch_sampler, loader)):
-            if limit and n >= limit:
-                break
-            out.append(([i for i, _ in idx], batch["query"]["input_ids"].tolist(),
-                        batch["passages"]["input_ids"].tolist()))
-    return out
+    return store_task_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize("kw", [{}, {"group_by_length": False, "no_duplicates": False},

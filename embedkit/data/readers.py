@@ -346,3 +346,25 @@ def read_text_jsonl(path: PathLike, field: str = "text", on_bad_row: OnBadRow = 
     """Read a jsonl file of documents, one JSON object per line, keeping `field` as {"text"}
     (e.g. WuDaoCorpora's `content`)."""
     return _read(path, on_bad_row, _make_text_validator(field), max_line_bytes)
+
+
+def teacher_scores_of(row: dict, where: str) -> tuple[list[float], list[float]] | None:
+    """(pos_scores, neg_scores) of a FlagEmbedding row as floats, or None when it has neither.
+
+    Each must hold one finite number per text of `pos` / `neg` (FlagEmbedding's format); a row
+    with no negatives may leave `neg_scores` out. Anything else is an error naming `where`."""
+    if row.get("pos_scores") is None and row.get("neg_scores") is None:
+        return None
+    out = []
+    for key, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        scores = row.get(key)
+        scores = [] if scores is None and not row.get(texts) else scores
+        n = len(row.get(texts) or ())
+        if not isinstance(scores, (list, tuple)) or len(scores) != n:
+            raise ValueError(f"{where}: `{key}` must be a list of {n} numbers, one per `{texts}` text "
+                             f"(FlagEmbedding's teacher-score format), got {scores!r}")
+        for x in scores:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ValueError(f"{where}: `{key}` must hold finite numbers, got {x!r}")
+        out.append([float(x) for x in scores])
+    return out[0], out[1]

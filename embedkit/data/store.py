@@ -164,7 +164,7 @@ def _write_rows(sources: Sequence[Callable], on_bad_row: str, path: Path) -> tup
     """Stream every source's rows into one Arrow stream file; returns (rows, skipped by file)."""
     import pyarrow as pa
 
-    from embedkit.data.contrastive import teacher_scores_of
+    from embedkit.data.readers import teacher_scores_of
 
     schema, skipped, n = _schema(), {}, 0
     cols = {name: [] for name in schema.names}
