@@ -38,7 +38,6 @@ Two things the test works around on FlagEmbedding's side, documented where they 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import os
@@ -53,7 +52,7 @@ from embedkit.models.vocab import build_char_vocab, save_tokenizer
 from embedkit.objectives.infonce import InfoNCE
 from embedkit.objectives.m3 import M3
 
-from _numerics import RTOL64, assert_close_scaled, scale_of
+from _numerics import RTOL64, assert_close_scaled, float64, scale_of
 from helpers import PASSAGES, QUERIES
 from peers import flagembedding_modeling
 
@@ -116,19 +115,9 @@ def make_batch(tok, group, passages=PASSAGES, seed=0, scores=True):
     return batch
 
 
-@contextlib.contextmanager
-def float64_default():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
 def fe_loss(model, batch, kd):
     teacher = batch["teacher_scores"].reshape(-1).tolist() if kd else None
-    with float64_default():
+    with float64():
         return model(queries=batch["query"], passages=batch["passages"], teacher_scores=teacher).loss
 
 
