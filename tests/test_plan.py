@@ -31,6 +31,13 @@ def _plan(compose_run, capsys, *overrides) -> tuple[object, str]:
 def test_plan_shows_every_row_and_stage(compose_run, capsys, tmp_path, experiment, scale):
     from embedkit.recipes.rows import ablation_rows
 
+    offered = compose_run([f"+experiment={experiment}"]).experiment_scales
+    if offered and scale not in offered:   # e.g. the mini base: refused, not planned
+        from embedkit.recipes.preflight import ConfigError
+
+        with pytest.raises(ConfigError, match="experiment_scales"):
+            _plan(compose_run, capsys, f"+experiment={experiment}", f"scale={scale}")
+        return
     cfg, out = _plan(compose_run, capsys, f"+experiment={experiment}", f"scale={scale}")
     rows = ablation_rows(cfg)
     assert out.startswith(f"Plan: {cfg.experiment_name} at scale={scale}, {len(rows)} row")
@@ -42,7 +49,8 @@ def test_plan_shows_every_row_and_stage(compose_run, capsys, tmp_path, experimen
     assert out.count("-- stage ") == n_stages
     for key in STAGE_KEYS:
         assert key in out, key
-    assert "temperature:" in out or "scale (1/τ):" in out
+    if cfg.objective._target_ != "embedkit.objectives.mlm.MaskedLM":   # masked-LM has no scores to scale
+        assert "temperature:" in out or "scale (1/τ):" in out
     assert "instruction (train):" in out and out.count("instruction (eval):") == len(rows)
     assert "<unresolved" not in out
     assert not (tmp_path / "run").exists()   # no claim, no tokenizer, no row folders

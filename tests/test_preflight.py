@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 
 import embedkit.recipes.train_eval as recipe
 from embedkit.eval.tasks import TaskDataError, load_local_tasks, read_jsonl
-from embedkit.recipes.preflight import ConfigError, config_problems, preflight
+from embedkit.recipes.preflight import ConfigError, config_problems, preflight, scale_problems
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EMBEDKIT_DATA_DIR", REPO.parent / "shared" / "data" / "zh-mini"))
@@ -131,6 +131,10 @@ def test_an_interpolated_value_names_where_it_comes_from(compose_run):
 def test_every_shipped_experiment_passes_the_config_checks(compose_run, experiment, scale, debug):
     overrides = ([f"+experiment={experiment}"] if experiment else []) + [f"scale={scale}", *debug]
     cfg = compose_run(overrides)
+    if cfg.experiment_scales and scale not in cfg.experiment_scales:
+        assert scale_problems(cfg) and "experiment_scales" in scale_problems(cfg)[0]
+        return
+    assert scale_problems(cfg) == []
     assert config_problems(cfg, recipe.ablation_rows(cfg)) == []
 
 

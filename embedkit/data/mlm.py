@@ -16,6 +16,9 @@ Decoder view (`decoder_input_ids`, `decoder_attention`, `decoder_labels`)
     and padding is never visible. `decoder_labels` are the original ids except on special tokens,
     position 0 and padding (-100): the decoder reconstructs every real token.
 
+Plain masked-LM pre-training (embedkit/objectives/mlm.py, the mini base) sets `decoder_views=False`:
+batches then hold the encoder view only.
+
 Maskable tokens are the non-special ones (checked by id against `tokenizer.all_special_ids`, so
 RoBERTa's `<s>`/`</s>` are caught as well as `[CLS]`/`[SEP]`; `[UNK]` counts as special too), never
 position 0. Words are WordPiece groups: a `##` piece joins the token before it. Our character-level
@@ -155,7 +158,8 @@ class MLMCollator:
     """
 
     def __init__(self, pad_id: int, mask_id: int, special: np.ndarray, continuation: np.ndarray,
-                 encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5, seed: int = 0):
+                 encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5, seed: int = 0,
+                 decoder_views: bool = True):
         for name, r in (("encoder_mask_ratio", encoder_mask_ratio),
                         ("decoder_mask_ratio", decoder_mask_ratio)):
             if not 0 <= r < 1:
@@ -168,6 +172,9 @@ class MLMCollator:
         self.encoder_mask_ratio = encoder_mask_ratio
         self.decoder_mask_ratio = decoder_mask_ratio
         self.seed = seed
+        # Plain MLM (embedkit/objectives/mlm.py) reads only the encoder view; the decoder's
+        # L x L attention per text is most of the collator's work, so it is not built then.
+        self.decoder_views = decoder_views
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "MLMCollator":
@@ -189,6 +196,8 @@ class MLMCollator:
         wid = word_ids(ids, self.special, self.continuation)
         enc_mask = sample_word_masks(wid, self.encoder_mask_ratio, rng)[0]
         enc_ids, labels = corrupt_bert(ids, enc_mask, rng, self.mask_id, self.replacement_ids)
+        if not self.decoder_views:
+            return enc_ids, labels, None, None
         attention = decoder_attention_matrix(wid, self.decoder_mask_ratio, rng, width)
         dec_labels = np.where(wid >= 0, ids, IGNORE)
         return enc_ids, labels, attention, dec_labels
@@ -200,6 +209,13 @@ class MLMCollator:
         b = len(rows)
         input_ids = padded["input_ids"].clone()
         labels = torch.full((b, width), IGNORE, dtype=torch.long)
+        if not self.decoder_views:
+            for k, (row, index, epoch) in enumerate(items):
+                enc_ids, lab, _, _ = self.example(rows[k], index, epoch, width)
+                n = len(rows[k])
+                input_ids[k, :n] = torch.from_numpy(enc_ids)
+                labels[k, :n] = torch.from_numpy(lab)
+            return {"input_ids": input_ids, "attention_mask": padded["attention_mask"], "labels": labels}
         dec_labels = torch.full((b, width), IGNORE, dtype=torch.long)
         attention = np.zeros((b, width, width), dtype=bool)
         for k, (row, index, epoch) in enumerate(items):
@@ -230,12 +246,13 @@ class MLMDataModule(TextDataModule):
     """
 
     serving_args = TextDataModule.serving_args | {
-        "max_len", "encoder_mask_ratio", "decoder_mask_ratio", "group_by_length"}
+        "max_len", "encoder_mask_ratio", "decoder_mask_ratio", "group_by_length", "decoder_views"}
 
     def __init__(self, sources: Sequence[Callable[[], list[dict]]], batch_size: int = 32,
                  max_len: int = 128, encoder_mask_ratio: float = 0.3, decoder_mask_ratio: float = 0.5,
                  group_by_length: bool = True, seed: int = 0, cache_dir: str | None = None,
-                 num_workers: int = 0, max_examples: int | None = None, on_bad_row: str = "error"):
+                 num_workers: int = 0, max_examples: int | None = None, on_bad_row: str = "error",
+                 decoder_views: bool = True):
         super().__init__(sources, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                          num_workers=num_workers, max_examples=max_examples, on_bad_row=on_bad_row)
         if max_len < 3:
@@ -244,6 +261,7 @@ class MLMDataModule(TextDataModule):
         self.encoder_mask_ratio = encoder_mask_ratio
         self.decoder_mask_ratio = decoder_mask_ratio
         self.group_by_length = group_by_length
+        self.decoder_views = decoder_views
         self.dataset: TextDataset | None = None
         self.collator: MLMCollator | None = None
 
@@ -260,7 +278,7 @@ class MLMDataModule(TextDataModule):
         self.dataset = TextDataset(table)
         self.collator = MLMCollator.from_tokenizer(
             self.tokenizer, encoder_mask_ratio=self.encoder_mask_ratio,
-            decoder_mask_ratio=self.decoder_mask_ratio, seed=self.seed)
+            decoder_mask_ratio=self.decoder_mask_ratio, seed=self.seed, decoder_views=self.decoder_views)
         log.info("MLM data: %d texts, %d tokens (max_len %d)", len(table), int(table.lengths().sum()),
                  self.max_len)
 

@@ -23,7 +23,8 @@ checkpoint's own head (it trains `AutoModelForMaskedLM`'s `cls` / `lm_head`);
 `mlm_head_init="from_model"` does that: it copies the transform and bias of the checkpoint the
 encoder was loaded from (`model.name_or_path` with model=hf, at `mlm_head_revision`), and
 `mlm_head_init=<name or folder>` those of another masked-LM checkpoint (BERT
-`cls.predictions.*` or RoBERTa / XLM-R `lm_head.*`). A checkpoint without a trained head (a plain
+`cls.predictions.*` or RoBERTa / XLM-R `lm_head.*`), or of an embedkit model folder made by
+masked-LM pre-training (the mini base keeps its head in `mlm_head/`, embedkit/objectives/mlm.py). A checkpoint without a trained head (a plain
 `BertModel` such as BAAI/bge-*-zh, or an embedkit model folder) or with an output matrix not tied to
 its word embeddings is an error, not a silently random head. It is loaded with `trust_remote_code`
 off unless the config turns it on (`model.trust_remote_code`).
@@ -44,6 +45,7 @@ pre-training later (FlagEmbedding issues #633, #1480 ask for exactly that).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -54,12 +56,17 @@ from embedkit.models.build import trust_remote_code_flag
 from embedkit.models.encoder import TextEncoder
 from embedkit.objectives.base import EmbeddingLoss, EmbeddingObjective
 
+log = logging.getLogger(__name__)
+
 QUERY_STREAMS = ("position", "embeddings")
 #: `mlm_head_init` value meaning "the checkpoint the encoder itself was loaded from".
 MLM_HEAD_FROM_MODEL = "from_model"
 DECODER_DIR = "retromae_decoder"
 DECODER_WEIGHTS = "decoder.safetensors"
 DECODER_CONFIG = "decoder_config.json"
+#: Where the masked-LM pre-training (embedkit/objectives/mlm.py) keeps its head, as a BertForMaskedLM
+#: folder inside the model folder; `mlm_head_init=<model folder>` reads it from there.
+MLM_HEAD_DIR = "mlm_head"
 
 
 def bert_init(module: nn.Module, std: float) -> None:
@@ -392,6 +399,7 @@ class RetroMAELoss(EmbeddingLoss):
         head.dense.load_state_dict(dense.state_dict())
         head.LayerNorm.load_state_dict(norm.state_dict())
         head.bias.copy_(bias)
+        log.info("RetroMAE: MLM head copied from %s", name_or_path)
 
 
 def mlm_head_source(encoder: TextEncoder, mlm_head_init: str) -> str:
@@ -400,7 +408,10 @@ def mlm_head_source(encoder: TextEncoder, mlm_head_init: str) -> str:
     config has none). `model.init_from` replaces the weights but not that name, so with it set this
     is still the checkpoint model=hf started from."""
     if mlm_head_init != MLM_HEAD_FROM_MODEL:
-        return mlm_head_init
+        # An embedkit model folder made by masked-LM pre-training (the mini base) holds its head in
+        # a BertForMaskedLM subfolder.
+        inner = Path(mlm_head_init) / MLM_HEAD_DIR
+        return str(inner) if inner.is_dir() else mlm_head_init
     source = getattr(encoder.backbone, "name_or_path", None) or ""
     if not source:
         raise ValueError(f"objective.mlm_head_init={MLM_HEAD_FROM_MODEL}: the encoder "

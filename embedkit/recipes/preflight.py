@@ -12,7 +12,8 @@ several rows had trained. `preflight(cfg, rows, suite)` checks, in this order:
    of the target's signature (embedkit/recipes/signatures.py), and unknown argument names;
 2. Matryoshka widths (an objective's `embedding_width_args`, e.g. `dims`, `mrl_dims`) against the
    encoder's output width (`model.encoder.projection_dim`, else `model.encoder.hidden_size`);
-3. that `paths.output_dir` and `paths.cache_dir` take a file (created and deleted again);
+3. that `model.init_from`, when set, is a saved encoder (the mini base by default), and that
+   `paths.output_dir` and `paths.cache_dir` take a file (created and deleted again);
 4. the evaluation suite (`suite.check()`): for the mini C-MTEB, every selected task folder is read
    and decoded now and the loaded tasks stay cached in the suite, so evaluation does not read
    them again.
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from embedkit.recipes.signatures import check_node, target_nodes
-from embedkit.recipes.rows import row_config, stage_config
+from embedkit.recipes.rows import row_config, scale_problems, stage_config
 
 #: The parts of a stage's config that the recipe instantiates (`eval` is checked once, per run).
 STAGE_PARTS = ("data", "objective", "model", "callbacks", "trainer", "logger", "checks")
@@ -44,7 +45,9 @@ class ConfigError(ValueError):
 
 def preflight(cfg: DictConfig, rows: Sequence[dict], suite: Any) -> None:
     """Raise ConfigError naming every problem found before training; return None if there is none."""
-    problems = config_problems(cfg, rows) + folder_problems(cfg)
+    problems = scale_problems(cfg)
+    if not problems:   # an experiment not offered at this scale has nothing else worth checking
+        problems = config_problems(cfg, rows) + init_problems(cfg) + folder_problems(cfg)
     if problems:
         raise ConfigError(_report(problems))
     check = getattr(suite, "check", None)
@@ -141,6 +144,19 @@ def _width_problems(cfg: DictConfig, stage: str | None) -> list[str]:
 
 
 # ---------------------------------------------------------------- folders
+
+def init_problems(cfg: DictConfig) -> list[str]:
+    """`model.init_from` must be a saved encoder: the mini scale's default is the committed base."""
+    model = cfg.get("model") or {}
+    init = model.get("init_from")
+    if not init:
+        return []
+    if not (Path(str(init)) / "model.safetensors").is_file():
+        hint = (" (the mini base: `make base` rebuilds it, conf/experiment/mini_base.yaml; "
+                "model.init_from=null trains from scratch)" if Path(str(init)).name == "zh_mini_base" else "")
+        return [f"model.init_from: {init} holds no model.safetensors{hint}"]
+    return []
+
 
 def folder_problems(cfg: DictConfig) -> list[str]:
     """The run folder and the cache folder must take files: tried with a temp file, then deleted."""

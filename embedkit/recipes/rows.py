@@ -3,6 +3,7 @@
 - `ablation_rows`: an experiment's rows for the current scale (`ablation.rows.<scale>`), or one
   row for a plain run or a `-m` sweep job.
 - `row_config`: the run's config with a row's `overrides` applied.
+- `scale_problems`: an experiment offered at some scales only (`experiment_scales`) run at another.
 - `stage_config`: a row's config with one stage's parts (`stages.<name>.objective`, `.data`,
   `.callbacks`, `.instruction`, trainer/model tweaks) swapped in.
 
@@ -73,3 +74,14 @@ def stage_config(row_cfg: DictConfig, stage: str | None, init_from: str | None) 
         if init_from is not None:
             cfg.model.init_from = init_from
     return cfg
+
+
+def scale_problems(cfg: DictConfig) -> list[str]:
+    """An experiment offered at some scales only (`experiment_scales`, e.g. the mini base) refuses
+    the others, instead of running there on settings that were never meant for them."""
+    offered = cfg.get("experiment_scales")
+    name = (cfg.get("scale") or {}).get("name")
+    if offered and name not in offered:
+        return [f"experiment {cfg.get('experiment_name')!r} is offered at scale={'/'.join(offered)} "
+                f"only, not scale={name} (experiment_scales)"]
+    return []

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from embedkit import runs
 from embedkit.folders import claim
 from embedkit.recipes.recovery import check_settings, finished_results, variant_results
-from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+from embedkit.recipes.rows import ablation_rows, row_config, scale_problems, stage_config
 from embedkit.redact import redact, write_json
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,11 @@ class Examples:
 
 
 def run(cfg: DictConfig) -> float | None:
+    refused = scale_problems(cfg)
+    if refused:   # before the plan too: a plan of settings never meant for this scale misleads
+        from embedkit.recipes.preflight import ConfigError
+
+        raise ConfigError(f"run stopped before training: {refused[0]}")
     if cfg.get("plan"):
         # `plan=true`: print the rows and stages this run would train, as below, and stop. Before
         # the folder claim, preflight and any data read (embedkit/recipes/plan.py).
