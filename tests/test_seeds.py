@@ -136,10 +136,10 @@ def test_results_md_shows_the_verdict_its_delta_and_2se():
     caption = report.seeds_caption(run)
     assert caption[0].startswith("Mean ± sample standard deviation over 3 seeds (42, 43, 44)")
     text = report.findings_table(findings.evaluate([SPEC], run, []))
-    assert "| mini Δ | 2·SE | same direction | verdict |" in text
-    assert "| +2.00 | 2.58 | yes | within noise |" in text and "0 agree, 0 disagree and 1 are within noise" in text
+    assert "| mini Δ | same direction | 2·SE | verdict |" in text
+    assert "| +2.00 | yes | 2.58 | within noise |" in text and "0 agree, 0 disagree and 1 are within noise" in text
     one = report.findings_table(findings.evaluate([SPEC], _run([_row("A", [41.0]), _row("B", [40.0])]), []))
-    assert "| – (1 seed) | yes | agrees (1 seed) |" in one and "one seed per row" in one
+    assert "| yes | – (1 seed) | agrees (1 seed) |" in one and "one seed per row" in one
     assert report.seeds_caption(_run([_row("A", [41.0])])) == []
 
 
@@ -222,6 +222,45 @@ def test_each_seed_trains_its_own_stages_scored_on_the_runs_eval_seed(compose_ru
     # one seed: the row folder and the stages a one-seed run always had
     one = planned(compose_run(["+experiment=bge_ablation_recipe"]), ablation_rows(cfg), tmp_path / "run")
     assert one[0]["by_seed"][0]["dir"] == one[0]["dir"] and one[0]["plan"][0]["dir"] == pre_a["dir"]
+
+
+def test_a_resume_keeps_finished_row_seed_pairs_and_runs_the_rest(tmp_path, monkeypatch):
+    import embedkit.recipes.train_eval as recipe
+    from omegaconf import OmegaConf
+
+    rows = [{"label": lab, "paper_row": None, "overrides": {}, "stages": None} for lab in ("32", "128")]
+    ran = []
+
+    def run_row(cfg, row, *args):
+        ran.append((row["label"], row["seed"]))
+        return {"": {"label": row["label"], "variant": "", "categories": {"STS": 10.0 + row["seed"]},
+                     "Avg": 10.0 + row["seed"], "seed": row["seed"]}}
+
+    monkeypatch.setattr(recipe, "run_row", run_row)
+    monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
+    monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
+    monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
+    out = tmp_path / "run"
+    for label, seed, results in (("32", 0, {"label": "32", "variant": "", "categories": {"STS": 7.0}, "Avg": 7.0}),
+                                 ("128", 1, {"label": "128", "error": "killed"})):
+        runs.seed_dir(out / "rows" / label, seed).mkdir(parents=True)
+        runs.results_file(runs.seed_dir(out / "rows" / label, seed)).write_text(json.dumps(results))
+    cfg = OmegaConf.create({"paths": {"output_dir": str(out)}, "model": {"tokenizer": {}}, "data": {},
+                            "eval": {}, "experiment_name": "x", "scale": {"name": "mini"}, "ablation": None,
+                            "seed": 0, "seeds": 2})
+    recipe.run(cfg)
+    assert ran == [("32", 1), ("128", 0), ("128", 1)]   # 32's seed 0 was finished: kept
+    table = {r["label"]: r for r in json.loads(runs.table_file(out).read_text())}
+    # 32: seeds 0 (kept, 7) and 1 (11): mean 9, std |7 - 11| / √2; 128: 10 and 11
+    assert table["32"]["Avg"] == 9.0 and table["32"]["std"]["Avg"] == pytest.approx(4 / math.sqrt(2))
+    assert table["128"]["per_seed"] == {"0": {"Avg": 10.0, **{c: None for c in tables.COLUMNS[:-1]}, "STS": 10.0},
+                                        "1": {"Avg": 11.0, **{c: None for c in tables.COLUMNS[:-1]}, "STS": 11.0}}
+    assert json.loads(runs.results_file(out / "rows" / "32").read_text())["seeds"] == [0, 1]
+    assert all(runs.settings_file(runs.seed_dir(out / "rows" / lab, s)).is_file() for lab in ("32", "128") for s in (0, 1))
+    # the same folder resumed with one seed is refused: its rows hold seed-<s>/ folders
+    with pytest.raises(SettingsChanged, match="several seeds"):
+        recipe.run(OmegaConf.merge(cfg, {"seeds": 1}))
 
 
 # ---------------------------------------------------------------- end to end

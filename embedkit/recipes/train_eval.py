@@ -392,8 +392,9 @@ def run(cfg: DictConfig) -> float | None:
             if results is not None:
                 log.info("%s: done in an earlier run (%s), kept", what, runs.results_file(seed_dir))
             else:
-                results = run_row(cfg, {**row, "plan": one["plan"]}, tokenizer, examples, suite, seed_dir, out_dir,
-                                  seed=one["seed"] if several else None)
+                # A seed of several is recorded in its results (`seed`); a one-seed row's are as ever.
+                seeded = {**row, "plan": one["plan"], **({"seed": one["seed"]} if several else {})}
+                results = run_row(cfg, seeded, tokenizer, examples, suite, seed_dir, out_dir)
             per_seed[one["seed"]] = results
             _card_with_eval(one["plan"][-1], seed_dir, _table_rows(row, results, plain), suite.name)
         results = write_seed_means(row["dir"], per_seed) if several else per_seed[row["by_seed"][0]["seed"]]
@@ -456,13 +457,13 @@ def write_seed_means(row_dir: Path, per_seed: dict[int, dict[str, dict]]) -> dic
 
 
 def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, row_dir: Path,
-            out_dir: Path, seed: int | None = None) -> dict[str, dict]:
+            out_dir: Path) -> dict[str, dict]:
     """Train the row's stages, evaluate every variant; returns {variant label: results}.
 
     A stage trained in an earlier attempt (model/.done) is reused, the final one too; a variant
     scored in an earlier attempt is kept. The row's root results.json is written last: it marks
-    the row finished (embedkit/recipes/recovery.py `finished_results`). `seed`: the seed of one of
-    several (`seeds=N`), recorded in its results; None for a one-seed row."""
+    the row finished (embedkit/recipes/recovery.py `finished_results`). A row given a `seed` is one
+    seed of several (`seeds=N`): its results record it."""
     plan = row.get("plan") or plan_row(cfg, row, row_dir, out_dir)
     chain = [p["stage"] for p in plan]
     steps, train_seconds, bad_rows, training = {}, 0.0, {}, {}
@@ -511,8 +512,8 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "training": training,   # per stage: batches, optimizer steps, skipped, zero-loss batches
             "bad_rows": bad_rows,   # {file: {count, first}}: rows data.on_bad_row=skip left out
         })
-        if seed is not None:
-            results["seed"] = seed
+        if row.get("seed") is not None:
+            results["seed"] = row["seed"]
         if variant:
             write_json(runs.results_file(variant_dir), results)   # redacted (embedkit/redact.py)
         all_results[variant] = results

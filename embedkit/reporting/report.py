@@ -202,11 +202,11 @@ def _noise(f: Finding) -> str:
 
 
 def findings_table(findings: list[Finding]) -> str:
-    lines = ["| finding (paper) | source | paper Δ | mini Δ | 2·SE | same direction | verdict |",
+    lines = ["| finding (paper) | source | paper Δ | mini Δ | same direction | 2·SE | verdict |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in findings:
-        lines.append(f"| {f.claim} | {f.source} | {_fmt(f.paper)} | {_fmt(f.ours)} | {_noise(f)} | "
-                     f"{f.verdict} | {f.outcome} |")
+        lines.append(f"| {f.claim} | {f.source} | {_fmt(f.paper)} | {_fmt(f.ours)} | {f.verdict} | "
+                     f"{_noise(f)} | {f.outcome} |")
     agree = sum(f.verdict == "yes" for f in findings)
     summary = f"{agree} of {len(findings)} findings agree in direction at mini scale"
     tested = [f for f in findings if f.se is not None and f.seeds > 1]
