@@ -42,11 +42,14 @@ base: install
 test: install
 	$(PY) -m pytest
 
-# Every mini ablation (not the paper-scale GradCache one), then experiments/*/RESULTS.md. About
-# 45 min on 2 cores (5+11+10+2+15). Resumable: each experiment runs in a fixed folder,
-# logs/reproduce/<experiment>/, so a re-run skips experiments whose table.json exists and, inside an
-# interrupted one, keeps finished rows and stages and continues the interrupted stage from its
-# checkpoint (README "When things go wrong"). CSV logs: the notebooks read the loss curves from them.
+# Every mini ablation (not the paper-scale GradCache one), then experiments/*/RESULTS.md. Every row
+# runs with 3 seeds (seeds=3: tables show mean ± std, findings say "within noise" under 2·SE), so it
+# takes about three times a one-seed run (23 min on 2 cores, README). Resumable: each experiment runs
+# in a fixed folder, logs/reproduce/<experiment>/, so a re-run skips experiments whose table.json
+# holds every row with that many seeds and, inside an interrupted one, keeps finished (row, seed)
+# pairs and stages and continues the interrupted stage from its checkpoint (README "When things go
+# wrong"). CSV logs: the notebooks read the loss curves from them. A folder left by a one-seed
+# `make reproduce` is refused (the layouts differ): delete it, or pass REPRODUCE_ARGS=logger=csv.
 # The list comes from the experiment configs: each conf/experiment/*.yaml with `report.reproduce:
 # true`, in `report.order` (`python -m embedkit.reporting.experiments show`); `make reproduce
 # REPRODUCE="mrl_dims"` runs only that one. Experiment configs kept outside conf/:
@@ -54,7 +57,7 @@ test: install
 EXTRA_CONF     ?=
 CONF_ARGS      := $(foreach d,$(EXTRA_CONF),--extra-config-dir $(abspath $(d)))
 REPRODUCE      ?= $(shell $(PY) -m embedkit.reporting.experiments $(CONF_ARGS) list --reproduce)
-REPRODUCE_ARGS ?= logger=csv
+REPRODUCE_ARGS ?= logger=csv seeds=3
 reproduce: install
 	$(PY) -m embedkit.reporting.experiments $(CONF_ARGS) reproduce --logs logs $(REPRODUCE) -- $(REPRODUCE_ARGS)
 	$(MAKE) plots report

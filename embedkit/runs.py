@@ -19,6 +19,9 @@ A run folder (`logs/<experiment>/runs/<time>/`, `logs/reproduce/<experiment>/`, 
         callback_<name>.json             a training callback's summary (DHNM: refreshes, curves)
         csv/version_*/metrics.csv        Lightning's CSV log (logger=csv)
         variants/<safe variant>/results.json   one per scored variant (Matryoshka width, M3 mode)
+        seed-<s>/                        with `seeds=N>1`: one per seed, each laid out as a row folder
+                                         is above; the row's own results.json, variants/ then hold
+                                         the mean over seeds with the per-seed scores and spread
     stages/<stage>-<key>/                a stage shared by rows (its model/, model/.done, logs)
 
 A sweep folder (`logs/<experiment>/multiruns/<time>/`) holds one job folder per job (`<n>/`, with
@@ -55,6 +58,9 @@ CSV_METRICS = "csv/version_*/metrics.csv"   # Lightning's CSVLogger under a row 
 REPRODUCE = "reproduce"         # logs/reproduce/<experiment>/: make reproduce's fixed folders
 RUNS = "runs"                   # logs/<experiment>/runs/<time>/: plain `python run.py`
 MULTIRUNS = "multiruns"         # logs/<experiment>/multiruns/<time>/<job>/: `python run.py -m`
+SEED_PREFIX = "seed-"           # <row>/seed-<s>/: one seed of a row run with seeds=N>1
+FLOOR_KEY = "lexical_floor"     # table.json: the key only the lexical floor's row has
+_SEED_NAME = re.compile(re.escape(SEED_PREFIX) + r"(-?\d+)")
 
 
 def table_name(ext: str, stem: str = TABLE) -> str:
@@ -105,6 +111,20 @@ def row_dir(run: str | Path, label: str, single: bool = False) -> Path:
 def stage_dir(run: str | Path, stage: str, key: str) -> Path:
     """A shared (non-final) stage's folder: `stages/<stage>-<key>/`."""
     return inside(run, STAGES, f"{stage}-{key}")
+
+
+def seed_dir(row: str | Path, seed: int) -> Path:
+    """One seed's folder inside a row run with several seeds: `<row>/seed-<s>/`."""
+    return Path(row) / f"{SEED_PREFIX}{int(seed)}"
+
+
+def seed_dirs(row: str | Path) -> list[Path]:
+    """The per-seed folders of a row run with several seeds, by seed; `[row]` for a one-seed row,
+    whose seed ran in the row folder itself. What a seed trained (model/, csv/, callback_*.json)
+    is in these folders."""
+    found = [(int(m.group(1)), p) for p in Path(row).glob(f"{SEED_PREFIX}*")
+             if p.is_dir() and (m := _SEED_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)] or [Path(row)]
 
 
 def variant_dir(row: str | Path, variant: str) -> Path:
@@ -178,13 +198,20 @@ def has_table(run: str | Path) -> bool:
     return table_file(run).is_file()
 
 
-def finished_cleanly(run: str | Path) -> bool:
-    """The run wrote its table and no row of it records an error (`make reproduce` keeps such a run)."""
+def finished_cleanly(run: str | Path, seeds: int | None = None) -> bool:
+    """The run wrote its table and no row of it records an error (`make reproduce` keeps such a run);
+    with `seeds`, also every row was run with that many seeds (a row's `seeds` list in table.json;
+    a row without one ran one seed)."""
     try:
         rows = json.loads(table_file(run).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(rows, list) and not any(isinstance(r, dict) and "error" in r for r in rows)
+    if not isinstance(rows, list) or any(isinstance(r, dict) and "error" in r for r in rows):
+        return False
+    if seeds is None:
+        return True
+    counts = {len(r.get("seeds") or [None]) for r in rows if isinstance(r, dict) and FLOOR_KEY not in r}
+    return counts <= {int(seeds)}
 
 
 # ---------------------------------------------------------------- run folders under logs/

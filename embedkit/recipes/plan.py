@@ -286,8 +286,10 @@ def stage_lines(cfg: DictConfig, init_text: str, final: bool) -> list[tuple[str,
 def plan_text(cfg: DictConfig, rows: list[dict], out_dir: Path) -> str:
     """`rows` as the recipe plans them (`ablation_rows`, each with its `dir` and `plan`, from
     `plan_row` in embedkit/recipes/train_eval.py)."""
-    out = [f"Plan: {cfg.experiment_name} at scale={cfg.scale.name}, {len(rows)} row{'s' * (len(rows) != 1)} "
-           f"(nothing trained, no data read; sources only checked for existence)"]
+    seeds = max((len(row.get("by_seed") or ()) for row in rows), default=1)
+    out = [f"Plan: {cfg.experiment_name} at scale={cfg.scale.name}, {len(rows)} row{'s' * (len(rows) != 1)}"
+           + (f" x {seeds} seeds (mean ± std per row)" if seeds > 1 else "")
+           + " (nothing trained, no data read; sources only checked for existence)"]
     for row in rows:
         plan = row["plan"]
         head = f"\n== row {row['label']}"
@@ -298,6 +300,13 @@ def plan_text(cfg: DictConfig, rows: list[dict], out_dir: Path) -> str:
             out.append("   overrides: " + ", ".join(f"{k}={lit(v)}" for k, v in row["overrides"].items()))
         if row.get("stages"):
             out.append("   stages: " + " -> ".join(row["stages"]))
+        by_seed = row.get("by_seed") or []
+        if len(by_seed) > 1:
+            # Each seed trains its own chain (the seed is part of a stage's key); the settings but
+            # the seed are the first seed's, shown below.
+            out.append(f"   seeds: {', '.join(str(one['seed']) for one in by_seed)}; each in its own folder "
+                       f"({', '.join(_relative(one['dir'], out_dir) for one in by_seed)}); stages below: "
+                       f"seed {by_seed[0]['seed']}'s")
         previous = None
         for step in plan:
             stage_cfg = step["cfg"]

@@ -15,6 +15,9 @@ Rows
 - A row (or stage) is reused only when the settings it was run with equal this run's
   (`check_settings`, `settings.json` in the row folder); otherwise the run stops and names every
   key that differs.
+- A row run with several seeds (`seeds=N`) keeps each seed in `seed-<s>/` under its folder, each
+  checked and resumed as a row folder is; a finished (row, seed) is kept. A row folder holding the
+  other layout (one seed at its root vs `seed-<s>/` folders) is refused (`check_seed_layout`).
 - Folders named by configs (row labels, stage names, variants) are joined with `inside`, which
   refuses a name that would lead out of the run folder (`..`, an absolute path, a symlink out).
 """
@@ -140,6 +143,24 @@ def settings_diff(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k}: {json.dumps(then.get(k, missing), ensure_ascii=False, default=str)} (then) -> "
             f"{json.dumps(now.get(k, missing), ensure_ascii=False, default=str)} (now)"
             for k in sorted(set(then) | set(now)) if then.get(k, missing) != now.get(k, missing)]
+
+
+def check_seed_layout(row_dir: Path, seeds: int, what: str) -> None:
+    """Stop when a row folder holds the other seed layout than this run's: a one-seed row trains in
+    the row folder itself, a several-seed row (`seeds=N`) in `seed-<s>/` folders under it, with the
+    means at its root. Resuming one as the other would take a mean for a seed, or a seed for a mean."""
+    row_dir, several = Path(row_dir), seeds > 1
+    seed_folders = [p for p in runs.seed_dirs(row_dir) if p != row_dir]
+    if several and runs.settings_file(row_dir).exists():
+        found = f"a one-seed run ({runs.settings_file(row_dir)})"
+    elif not several and seed_folders:
+        found = f"a run with several seeds ({', '.join(p.name for p in seed_folders)})"
+    else:
+        return
+    raise SettingsChanged(
+        f"{what} in {row_dir} holds {found}, but this run has seeds={seeds}. "
+        f"Resume it with the seeds it was run with, or start a new run (without resume); "
+        f"make reproduce: delete that experiment's folder under logs/reproduce/.")
 
 
 def check_settings(folder: Path, settings: dict[str, Any], what: str) -> None:

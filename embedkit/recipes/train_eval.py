@@ -15,6 +15,12 @@
 5. Write the table (Markdown + CSV) and print it beside the paper's table; with eval.lexical_floor,
    the table ends with the lexical floor's row (embedkit/eval/lexical.py), scored before training.
 
+With `seeds=N` (N > 1) steps 3-4 run N times per row, with seed = seed + k, each seed in its own
+folder (`<row>/seed-<s>/`, its stages too: the seed is part of a stage's key); the row's
+results.json then holds the means with every seed's scores and their spread
+(embedkit/reporting/seeds.py), and the table shows "mean ± std". Every seed is evaluated on the same
+tasks and rows (`eval.seed` stays the run's), so the spread is the training's.
+
 A killed run restarted with `resume=true` runs in the same folder: rows with a clean results.json
 are kept, and the interrupted stage continues from its last checkpoint (embedkit/recipes/recovery.py,
 embedkit/checkpointing.py). Rows that skipped bad training rows (`data.on_bad_row=skip`) say so in
@@ -36,9 +42,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedkit import runs
 from embedkit.folders import claim
-from embedkit.recipes.recovery import check_settings, finished_results, variant_results
+from embedkit.recipes.recovery import check_seed_layout, check_settings, finished_results, variant_results
 from embedkit.recipes.rows import ablation_rows, row_config, scale_problems, stage_config
 from embedkit.redact import redact, write_json
+from embedkit.reporting.seeds import aggregate, seeds_of
 
 log = logging.getLogger(__name__)
 DONE = runs.DONE
@@ -68,11 +75,19 @@ def stage_key(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(resolved_parts(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path) -> list[dict]:
+def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path, seed: int | None = None) -> list[dict]:
     """The row's chain of stages: [{stage, name, cfg, dir, final}], each initialised from the
     previous stage's model folder. The last stage trains in the row's folder; the others in
-    `stages/<stage>-<key>/`, shared by every row whose chain reaches them with the same settings."""
+    `stages/<stage>-<key>/`, shared by every row whose chain reaches them with the same settings.
+
+    `seed`: one seed of a row run with several (`seeds=N`); None: the row's own `seed`, alone."""
     row_cfg = row_config(cfg, row["overrides"])
+    if seed is not None:
+        with open_dict(row_cfg):
+            if OmegaConf.is_dict(row_cfg.get("eval")) and "seed" in row_cfg.eval and seed != row_cfg.seed:
+                # The suite is built once, with the run's seed: every seed is scored on the same rows.
+                row_cfg.eval.seed = row_cfg.seed
+            row_cfg.seed = seed
     chain = list(row["stages"] or [None])
     init, plan = row_cfg.model.get("init_from"), []
     for i, stage in enumerate(chain):
@@ -80,16 +95,26 @@ def plan_row(cfg: DictConfig, row: dict, row_dir: Path, out_dir: Path) -> list[d
         final = i == len(chain) - 1
         stage_dir = row_dir if final else runs.stage_dir(out_dir, stage, stage_key(stage_cfg))
         plan.append({"stage": stage, "cfg": stage_cfg, "dir": stage_dir, "final": final,
-                     "name": f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")})
+                     "name": f"{cfg.experiment_name}/{row['label']}" + (f"/{stage}" if stage else "")
+                     + ("" if seed is None else f"/{runs.seed_dir('', seed).name}")})
         init = str(runs.model_dir(stage_dir))
     return plan
 
 
 def planned(cfg: DictConfig, rows: list[dict], out_dir: Path) -> list[dict]:
-    """`rows`, each given its folder (`dir`) and its chain of stages (`plan`, see `plan_row`)."""
+    """`rows`, each given its folder (`dir`), its seeds (`by_seed`: [{seed, dir, plan}], one per seed
+    of `seeds`; a one-seed row runs in its own folder) and the first seed's chain of stages (`plan`,
+    see `plan_row`)."""
     for row in rows:
         row["dir"] = runs.row_dir(out_dir, row["label"], single=len(rows) == 1)
-        row["plan"] = plan_row(cfg, row, row["dir"], out_dir)
+        seeds = seeds_of(row_config(cfg, row["overrides"]))
+        if len(seeds) == 1:
+            row["by_seed"] = [{"seed": seeds[0], "dir": row["dir"], "plan": plan_row(cfg, row, row["dir"], out_dir)}]
+        else:
+            row["by_seed"] = [{"seed": s, "dir": runs.seed_dir(row["dir"], s),
+                               "plan": plan_row(cfg, row, runs.seed_dir(row["dir"], s), out_dir, seed=s)}
+                              for s in seeds]
+        row["plan"] = row["by_seed"][0]["plan"]
     return rows
 
 
@@ -310,7 +335,7 @@ def run(cfg: DictConfig) -> float | None:
         print_plan(cfg, planned(cfg, ablation_rows(cfg), out_dir), out_dir)
         return None
     from embedkit.recipes.preflight import preflight
-    from embedkit.reporting.tables import floor_row, row_from_results, side_by_side, write_table
+    from embedkit.reporting.tables import floor_row, seed_count, side_by_side, write_table
 
     out_dir = Path(cfg.paths.output_dir)
     claim(out_dir)   # a live run writing this folder (e.g. the same hydra.run.dir) stops this one
@@ -321,21 +346,30 @@ def run(cfg: DictConfig) -> float | None:
     floor = suite.floor() if hasattr(suite, "floor") else None
     examples = Examples()
 
-    # A resumed row must have been run with these very settings.
+    # A resumed row must have been run with these very settings (and as many seeds' folders).
     for row in planned(cfg, rows, out_dir):
-        check_settings(row["dir"], row_settings(row["plan"]), f"row {row['label']!r}")
+        several = len(row["by_seed"]) > 1
+        check_seed_layout(row["dir"], len(row["by_seed"]), f"row {row['label']!r}")
+        for one in row["by_seed"]:
+            check_settings(one["dir"], row_settings(one["plan"]),
+                           f"row {row['label']!r}" + (f", seed {one['seed']}," if several else ""))
 
-    # One tokenizer for every stage of every row: read all their data first.
+    # One tokenizer for every stage of every row: read all their data first. The vocabulary comes
+    # from the first seed's data alone, so that it, and that seed's results, equal a one-seed run's.
     vocab_parts = []   # each distinct data's texts, streamed when (and only if) a vocabulary is built
     seen, policies = set(), set()
-    for row in rows:
-        for step in row["plan"]:
-            data_cfg = step["cfg"].data
-            policies.add(data_cfg.get("on_bad_row", "error"))
-            key = examples.key(data_cfg)
-            if key not in seen:
-                seen.add(key)
-                vocab_parts.append(examples.get(data_cfg)[1])
+    for first in (True, False):
+        for row in rows:
+            for one in row["by_seed"][:1] if first else row["by_seed"][1:]:
+                for step in one["plan"]:
+                    data_cfg = step["cfg"].data
+                    policies.add(data_cfg.get("on_bad_row", "error"))
+                    key = examples.key(data_cfg)
+                    if key not in seen:
+                        seen.add(key)
+                        texts = examples.get(data_cfg)[1]
+                        if first:
+                            vocab_parts.append(texts)
     if cfg.model.get("init_from"):
         # Starting from a saved encoder: its ids are fixed, so its own tokenizer comes with it
         # (a vocabulary rebuilt from this run's data would not match its embedding table).
@@ -351,29 +385,35 @@ def run(cfg: DictConfig) -> float | None:
 
     table_rows, last = [], None
     for row in rows:
-        row_dir = row["dir"]
-        row_dir.mkdir(parents=True, exist_ok=True)
-        results = finished_results(row_dir, row["label"])
-        if results is not None:
-            log.info("%s: done in an earlier run (%s), kept", row["label"], runs.results_file(row_dir))
-        else:
-            results = run_row(cfg, row, tokenizer, examples, suite, row_dir, out_dir)
+        several = len(row["by_seed"]) > 1
         # A plain run's label is its override string ("logger=csv ..."): its variants
         # (Matryoshka widths) read better alone. Ablation rows keep "<row> <variant>".
         plain = len(rows) == 1 and row.get("paper_row") is None and not row.get("stages")
-        row_table = []
-        for variant, res in results.items():
-            label = row["label"] if not variant else (variant if plain else f"{row['label']} {variant}")
-            row_table.append(row_from_results(label, res))
-            last = res.get("Avg")
+        per_seed = {}
+        for one in row["by_seed"]:
+            seed_dir, what = one["dir"], row["label"] + (f" seed {one['seed']}" if several else "")
+            seed_dir.mkdir(parents=True, exist_ok=True)
+            results = finished_results(seed_dir, row["label"])
+            if results is not None:
+                log.info("%s: done in an earlier run (%s), kept", what, runs.results_file(seed_dir))
+            else:
+                # A seed of several is recorded in its results (`seed`); a one-seed row's are as ever.
+                seeded = {**row, "plan": one["plan"], **({"seed": one["seed"]} if several else {})}
+                results = run_row(cfg, seeded, tokenizer, examples, suite, seed_dir, out_dir)
+            per_seed[one["seed"]] = results
+            _card_with_eval(one["plan"][-1], seed_dir, _table_rows(row, results, plain), suite.name)
+        results = write_seed_means(row["dir"], per_seed) if several else per_seed[row["by_seed"][0]["seed"]]
+        row_table = _table_rows(row, results, plain)
+        last = row_table[-1].get("Avg") if row_table else last
         table_rows += row_table
-        _card_with_eval(row["plan"][-1], row_dir, row_table, suite.name)
 
     if floor is not None:
         table_rows.append(floor_row(floor))
     ablation = cfg.get("ablation") or {}
     markdown = write_table(table_rows, out_dir, first=ablation.get("column", "run"))
-    title = f"embedkit {cfg.experiment_name} ({cfg.scale.name} scale, {suite.name})"
+    seeds = seed_count(table_rows)
+    title = f"embedkit {cfg.experiment_name} ({cfg.scale.name} scale, {suite.name}" + (
+        f"; mean ± std over {seeds} seeds" if seeds > 1 else "") + ")"
     paper = ablation.get("paper_table")
     print("\n" + side_by_side(markdown, title, paper if paper and Path(paper).exists() else None,
                               ablation.get("paper_title", "Paper")) + "\n")
@@ -383,13 +423,52 @@ def run(cfg: DictConfig) -> float | None:
     return last
 
 
+def _table_rows(row: dict, results: dict[str, dict], plain: bool) -> list[dict]:
+    """The table's rows of one row's {variant: results}."""
+    from embedkit.reporting.tables import row_from_results
+
+    return [row_from_results(row["label"] if not variant else (variant if plain else f"{row['label']} {variant}"), res)
+            for variant, res in results.items()]
+
+
+def _root_results(all_results: dict[str, dict]) -> dict:
+    """The row's root results.json from its {variant: results}: the plain variant's, or, for
+    variant-only objectives (Matryoshka), the last variant's with every variant's scores (for sweeps)."""
+    if "" in all_results:
+        root = dict(all_results[""])
+    else:
+        root = dict(list(all_results.values())[-1])
+        root["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
+                            for k, v in all_results.items()}
+    root["variant_names"] = [v for v in all_results if v]
+    return root
+
+
+def write_seed_means(row_dir: Path, per_seed: dict[int, dict[str, dict]]) -> dict[str, dict]:
+    """A several-seed row's own results from its seeds' {variant: results}: each variant's means
+    and spread (embedkit/reporting/seeds.py) in `variants/<v>/results.json`, then the root's in the
+    row's results.json, laid out as a one-seed row's; returns {variant: results}. Rewritten from
+    the seeds' files on every run, so a resumed run's means include the seeds it added."""
+    variants = list(dict.fromkeys(v for results in per_seed.values() for v in results))
+    means = {v: aggregate({s: results[v] for s, results in per_seed.items() if v in results}) for v in variants}
+    for variant, results in means.items():
+        if variant:
+            write_json(runs.results_file(runs.variant_dir(row_dir, variant)), results)
+    root = _root_results(means)
+    write_json(runs.results_file(row_dir), root)
+    if "" in means:
+        means[""] = root
+    return means
+
+
 def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, row_dir: Path,
             out_dir: Path) -> dict[str, dict]:
     """Train the row's stages, evaluate every variant; returns {variant label: results}.
 
     A stage trained in an earlier attempt (model/.done) is reused, the final one too; a variant
     scored in an earlier attempt is kept. The row's root results.json is written last: it marks
-    the row finished (embedkit/recipes/recovery.py `finished_results`)."""
+    the row finished (embedkit/recipes/recovery.py `finished_results`). A row given a `seed` is one
+    seed of several (`seeds=N`): its results record it."""
     plan = row.get("plan") or plan_row(cfg, row, row_dir, out_dir)
     chain = [p["stage"] for p in plan]
     steps, train_seconds, bad_rows, training = {}, 0.0, {}, {}
@@ -438,6 +517,8 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
             "training": training,   # per stage: batches, optimizer steps, skipped, zero-loss batches
             "bad_rows": bad_rows,   # {file: {count, first}}: rows data.on_bad_row=skip left out
         })
+        if row.get("seed") is not None:
+            results["seed"] = row["seed"]
         if variant:
             write_json(runs.results_file(variant_dir), results)   # redacted (embedkit/redact.py)
         all_results[variant] = results
@@ -445,14 +526,7 @@ def run_row(cfg: DictConfig, row: dict, tokenizer, examples: Examples, suite, ro
         for one in logger or []:
             one.log_metrics({f"{prefix}{k}": v for k, v in results.get("categories", {}).items()}
                             | {f"{prefix}Avg": results.get("Avg")}, step=int(record["steps"]))
-    if "" in all_results:
-        root = dict(all_results[""])
-    else:
-        # Variant-only objectives (Matryoshka) still leave one results.json at the row's root, for sweeps.
-        root = dict(list(all_results.values())[-1])
-        root["variants"] = {k: {"categories": v.get("categories"), "Avg": v.get("Avg")}
-                            for k, v in all_results.items()}
-    root["variant_names"] = [v for v in all_results if v]
+    root = _root_results(all_results)
     write_json(runs.results_file(row_dir), root)   # last: the row is finished once this exists
     if "" in all_results:
         all_results[""] = root

@@ -222,12 +222,17 @@ def citation(experiments: list[Experiment], paper: str) -> str:
 def reproduce(experiments: list[Experiment], logs: str | Path, overrides=(), extra_dirs=(),
               python: str = sys.executable) -> int:
     """Run each experiment in its fixed folder `logs/reproduce/<name>/`, skipping one whose table
-    holds no error (finished); an interrupted one resumes there (finished rows and stages kept)."""
+    holds no error and as many seeds per row as `overrides` ask for (finished); an interrupted one
+    resumes there (finished rows, seeds and stages kept)."""
     for exp in experiments:
         folder = exp.reproduce_dir(logs)
-        if runs.finished_cleanly(folder):
+        seeds = requested_seeds(exp.name, overrides, extra_dirs)
+        if runs.finished_cleanly(folder, seeds):
             print(f"{exp.name}: done in {folder}, kept", flush=True)
             continue
+        if runs.finished_cleanly(folder):
+            print(f"{exp.name}: {folder} holds a finished run with another number of seeds than "
+                  f"seeds={seeds}; adding the missing seeds", flush=True)
         print(f"{exp.name}: running in {folder}", flush=True)
         cmd = [python, "run.py", f"+{GROUP}={exp.name}", f"hydra.run.dir={folder}",
                *_searchpath_override(extra_dirs), *overrides]
@@ -235,6 +240,14 @@ def reproduce(experiments: list[Experiment], logs: str | Path, overrides=(), ext
         if rc:
             return rc
     return 0
+
+
+def requested_seeds(name: str, overrides=(), extra_dirs=()) -> int:
+    """The `seeds` the experiment runs with under `overrides` (the Makefile's REPRODUCE_ARGS)."""
+    from embedkit.reporting.seeds import seeds_of
+
+    cfg = compose_experiment(name, extra_dirs=extra_dirs, overrides=list(overrides))
+    return len(seeds_of(cfg))
 
 
 def show(experiments: list[Experiment]) -> str:

@@ -43,6 +43,13 @@ names) or `direction` (up / down); `series`, `reduce`, `id`. A finding whose pap
 are not in the paper table (or are empty cells), or whose series has fewer than two rows, or whose
 margin lacks a difference, is left out; one whose own rows are missing shows as
 `n/a (row missing)`.
+
+Seeds (`seeds=N`, embedkit/reporting/seeds.py): a row's scores are means over its seeds, and a
+finding carries the standard error of its mini delta, `se` = sqrt(s_a²/n_a + s_b²/n_b) (for a margin,
+the errors of the two deltas it subtracts, added in quadrature; for `rows: neighbours`, the chosen
+step's). `verdict` is the sign comparison alone (yes / no); `outcome` is the finding's call:
+"within noise" when |Δ| < 2·SE, else "agrees" or "disagrees" by the sign. With one seed there is no
+SE: the call is the sign's, marked "(1 seed)" so that it does not pass for a tested one.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
+
+from embedkit.reporting.seeds import standard_error, within_noise
 
 # A move smaller than this (score points, x100) counts as no move: mteb rounds main scores to 1e-5.
 TIE = 0.005
@@ -67,6 +76,8 @@ class Finding:
     source: str          # where the paper states it
     paper: float | str   # the paper's delta (points), or its stated direction ("up") without numbers
     ours: float | None   # our delta in points; None = a row is missing
+    se: float | None = None   # standard error of `ours` over the seeds; None with one seed
+    seeds: int = 1            # the fewest seeds behind either side of `ours`
 
     @property
     def paper_sign(self) -> int:
@@ -81,6 +92,25 @@ class Finding:
         if _sign(self.ours) == 0:
             return "no (no change)"
         return "yes" if _sign(self.ours) == self.paper_sign else "no"
+
+    @property
+    def outcome(self) -> str:
+        """agrees / disagrees / within noise; with one seed, the sign's call marked "(1 seed)"."""
+        if self.ours is None or (isinstance(self.ours, float) and math.isnan(self.ours)):
+            return "n/a (row missing)"
+        tested = self.se is not None and self.seeds > 1
+        if tested and within_noise(self.ours, self.se):
+            return "within noise"
+        call = "disagrees (no change" if _sign(self.ours) == 0 else \
+            ("agrees" if _sign(self.ours) == self.paper_sign else "disagrees")
+        if tested:
+            return call + (")" if call.endswith("change") else "")
+        return call + (", 1 seed)" if call.endswith("change") else " (1 seed)")
+
+    @property
+    def noise(self) -> float | None:
+        """2·SE: the smallest |Δ| that is not within noise; None with one seed."""
+        return None if self.se is None else 2 * self.se
 
 
 def _sign(x: float) -> int:
@@ -187,6 +217,21 @@ def _score(run, label: str, column: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _spread(run, label: str, column: str) -> tuple[float | None, int]:
+    """(sample std, seeds) of a row's column; one seed for a row without a spread."""
+    row = run.rows.get(label, {})
+    n = (row.get("n") or {}).get(column)
+    if n is None:
+        n = 0 if row.get(column) is None else 1
+    return (row.get("std") or {}).get(column), int(n)
+
+
+def _error(run, a: str, b: str, column: str) -> tuple[float | None, int]:
+    """(SE of score(a) − score(b), the fewer seeds of the two)."""
+    (std_a, n_a), (std_b, n_b) = _spread(run, a, column), _spread(run, b, column)
+    return standard_error(std_a, n_a, std_b, n_b), min(n_a, n_b)
+
+
 def _delta(a, b):
     return None if a is None or b is None else a - b
 
@@ -237,12 +282,16 @@ def _compare(spec, column: str, run, paper_rows: list[dict]) -> Finding | None:
     if spec["rows"] == NEIGHBOURS:
         if len(series) < 2:
             return None
-        steps = [_delta(_score(run, b, column), _score(run, a, column)) for (a, _), (b, _) in zip(series, series[1:])]
+        pairs = list(zip(series, series[1:]))
+        steps = [_delta(_score(run, b, column), _score(run, a, column)) for (a, _), (b, _) in pairs]
         if any(s is None for s in steps):
             return None
         claim = spec["claim"].format(column=column, rows=[series[-1][0], series[0][0]],
                                      values=[series[-1][1], series[0][1]], paper_rows=[])
-        return Finding(claim, spec["source"], _paper_side(spec), REDUCERS[spec.get("reduce", "min")](steps))
+        pick = REDUCERS[spec.get("reduce", "min")](range(len(steps)), key=steps.__getitem__)
+        (a, _), (b, _) = pairs[pick]
+        se, seeds = _error(run, b, a, column)
+        return Finding(claim, spec["source"], _paper_side(spec), steps[pick], se, seeds)
     picked = [_pick(s, run, series) for s in spec["rows"]]
     if any(p is None for p in picked):
         return None
@@ -264,7 +313,9 @@ def _compare(spec, column: str, run, paper_rows: list[dict]) -> Finding | None:
         pa, pb = a, b
         paper_delta = _paper_side(spec)
     claim = spec["claim"].format(column=column, rows=[a, b], paper_rows=[pa, pb], values=[value_a, value_b])
-    return Finding(claim, spec["source"], paper_delta, _delta(_score(run, a, column), _score(run, b, column)))
+    se, seeds = _error(run, a, b, column)
+    return Finding(claim, spec["source"], paper_delta, _delta(_score(run, a, column), _score(run, b, column)),
+                   se, seeds)
 
 
 def _margin(spec, by_id: dict[str, Finding]) -> Finding | None:
@@ -279,4 +330,8 @@ def _margin(spec, by_id: dict[str, Finding]) -> Finding | None:
     else:
         paper = _paper_side(spec)
     claim = spec["claim"].format(of=margin["of"], over=margin["over"])
-    return Finding(claim, spec["source"], paper, found[0].ours - max(f.ours for f in found[1:]))
+    top = max(found[1:], key=lambda f: f.ours)
+    # The two deltas' errors in quadrature, as if independent: an approximation where they are
+    # variants of the same rows (M3's modes share each seed's models).
+    se = None if found[0].se is None or top.se is None else (found[0].se ** 2 + top.se ** 2) ** 0.5
+    return Finding(claim, spec["source"], paper, found[0].ours - top.ours, se, min(found[0].seeds, top.seeds))

@@ -9,6 +9,12 @@ number the sources at hand do not give.
 A mini run's table ends with the lexical floor's row (`floor_row`, embedkit/eval/lexical.py): in
 table.md and table.json, where that row alone carries the key FLOOR_KEY (its per-task scores, the
 floor's settings and cache key), but not in table.csv, whose rows are the runs that notebooks plot.
+
+A row run with several seeds (`seeds=N`, embedkit/reporting/seeds.py) holds the means in its
+columns and adds `seeds` (the list), `std` and `n` ({column: value}) and `per_seed` ({seed: {column:
+score}}) in table.json; table.md and the printed table show such a cell as "mean ± std", table.csv
+adds a `<column> std` column per score and `seeds`. The lexical floor is deterministic: one plain
+value per cell.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from typing import Sequence
 
 from embedkit import runs
 from embedkit.atomic_files import write_text_atomic
+from embedkit.reporting.seeds import column_spread
 
 COLUMNS = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
 # C-Pack's tables spell the re-ranking column "Re-rank"; the data files use ours.
 NOTE_COLUMNS = ("source",)   # a paper table's text columns: where a row's numbers come from
-FLOOR_KEY = "lexical_floor"  # table.json: the floor row's {tasks, settings, key}; no other row has it
+FLOOR_KEY = runs.FLOOR_KEY  # table.json: the floor row's {tasks, settings, key}; no other row has it
 
 
 def _fmt(value) -> str:
@@ -45,7 +52,28 @@ def row_from_results(label: str, results: dict) -> dict:
     for col in COLUMNS[:-1]:
         row[col] = categories.get(col)
     row["Avg"] = results.get("Avg")
+    if results.get("seeds") and len(results["seeds"]) > 1:
+        spreads = {col: column_spread(results, col) or {} for col in COLUMNS}
+        row["seeds"] = list(results["seeds"])
+        row["std"] = {col: s.get("std") for col, s in spreads.items()}
+        row["n"] = {col: s.get("n", 0) for col, s in spreads.items()}
+        row["per_seed"] = {seed: {"Avg": one.get("Avg"),
+                                  **{col: (one.get("categories") or {}).get(col) for col in COLUMNS[:-1]}}
+                           for seed, one in (results.get("per_seed") or {}).items()}
     return row
+
+
+def seed_count(rows: Sequence[dict]) -> int:
+    """The most seeds any row of a table was run with (1 for a table of one-seed rows)."""
+    return max((len(r.get("seeds") or ()) for r in rows), default=0) or 1
+
+
+def cell(row: dict, column: str) -> str:
+    """A table cell: the score, or "mean ± std" for a column scored over several seeds."""
+    std, n = (row.get("std") or {}).get(column), (row.get("n") or {}).get(column, 1)
+    if n > 1 and std is not None and row.get(column) is not None:
+        return f"{_fmt(row[column])} ± {_fmt(std)}"
+    return _fmt(row.get(column))
 
 
 def floor_row(results: dict) -> dict:
@@ -66,7 +94,7 @@ def to_markdown(rows: Sequence[dict], first: str, columns: Sequence[str] = COLUM
     header = [first, *columns] + (["error"] if has_error else [])
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in rows:
-        cells = [str(r["label"])] + [_fmt(r.get(c)) for c in columns]
+        cells = [str(r["label"])] + [cell(r, c) for c in columns]
         if has_error:
             cells.append(str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160])
         lines.append("| " + " | ".join(cells) + " |")
@@ -76,10 +104,16 @@ def to_markdown(rows: Sequence[dict], first: str, columns: Sequence[str] = COLUM
 def to_csv(rows: Sequence[dict], first: str) -> str:
     buf = io.StringIO()
     has_error = any("error" in r for r in rows)
+    # Columns of the seed spread only when some row has one: a one-seed table keeps its columns.
+    seeded = seed_count(rows) > 1
     writer = csv.writer(buf)
-    writer.writerow([first, *COLUMNS] + (["error"] if has_error else []))
+    writer.writerow([first, *COLUMNS] + ([f"{c} std" for c in COLUMNS] + ["seeds"] if seeded else [])
+                    + (["error"] if has_error else []))
+    number = lambda v: "" if v is None else f"{v:.4f}"   # noqa: E731
     for r in rows:
-        values = [r["label"]] + ["" if r.get(c) is None else f"{r[c]:.4f}" for c in COLUMNS]
+        values = [r["label"]] + [number(r.get(c)) for c in COLUMNS]
+        if seeded:
+            values += [number((r.get("std") or {}).get(c)) for c in COLUMNS] + [len(r.get("seeds") or ()) or 1]
         writer.writerow(values + ([r.get("error", "")] if has_error else []))
     return buf.getvalue()
 
