@@ -47,11 +47,14 @@ def test_plan_shows_every_row_and_stage(compose_run, capsys, tmp_path, experimen
             assert f"-- stage {stage}" in out
     n_stages = sum(len(r["stages"] or [None]) for r in rows)
     assert out.count("-- stage ") == n_stages
+    masked_lm = cfg.objective._target_ == "embedkit.objectives.mlm.MaskedLM"   # no pairs, no scores
     for key in STAGE_KEYS:
         assert key in out, key
-    if cfg.objective._target_ != "embedkit.objectives.mlm.MaskedLM":   # masked-LM has no scores to scale
+    if not masked_lm:
         assert "temperature:" in out or "scale (1/τ):" in out
-    assert "instruction (train):" in out and out.count("instruction (eval):") == len(rows)
+    if not masked_lm:   # plain text: no queries to instruct
+        assert "instruction (train):" in out
+    assert out.count("instruction (eval):") == len(rows)
     assert "<unresolved" not in out
     assert not (tmp_path / "run").exists()   # no claim, no tokenizer, no row folders
 

@@ -199,6 +199,9 @@ def objective_lines(obj: Any, data: Any, trainer: Any, prefix: str = "") -> list
         head = get(obj, "mlm_head_init")
         lines.append((prefix + "decoder", f"query stream {get(obj, 'query_stream', '-')}, MLM head "
                                           + ("the checkpoint's own" if head == "from_model" else f"from {head}" if head else "fresh")))
+    elif target == "MaskedLM":
+        lines.append((prefix + "negatives/query", "none: masked-LM pre-training"))
+        lines.append((prefix + "mask ratio", fmt(get(data, "encoder_mask_ratio"))))
     if target == "M3":
         heads = get(obj, "heads") or []
         lines.append((prefix + "M3 heads", f"{fmt(heads)}, self-distillation "
