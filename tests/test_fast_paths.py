@@ -115,6 +115,7 @@ def test_unpadded_encoder_without_padding_is_the_plain_path(tok):
 def test_compiled_encoder_equals_the_plain_one(tok):
     plain = tiny_encoder(tok, dropout=0.0)
     compiled = tiny_encoder(tok, dropout=0.0, compile=True)
+    assert compiled.backbone._compiled_call_impl is not None   # the switch reached the backbone
     batch = tokens(tok, QUERIES)
     expected, actual = plain(**batch), compiled(**batch)
     # Fused kernels sum in another order: float32 rounding of one forward (tests/_numerics.py).
