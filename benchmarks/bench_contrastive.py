@@ -224,6 +224,8 @@ class Worker:
 
 def measure(groups: list[dict], args) -> list[dict]:
     """Every group's rounds; one result per (group, round, member)."""
+    from interleave import round_order
+
     WORK.mkdir(parents=True, exist_ok=True)
     workers = {side: Worker(side, WORK / f"worker-{side}.log") for side in ("embedkit", "st")}
     results = []
@@ -231,8 +233,6 @@ def measure(groups: list[dict], args) -> list[dict]:
         for group in groups:
             seconds = group.get("seconds", args.seconds)
             for r in range(args.repeats):
-                from interleave import round_order
-
                 for label in round_order(list(group["members"]), r):
                     spec = group["members"][label]
                     load = os.getloadavg()[0]
