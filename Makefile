@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # CI and the mini scale never want CUDA wheels (several GB); set ALLOW_CUDA=1 on a GPU machine.
 ALLOW_CUDA ?= 0
 
-.PHONY: install run smoke sweep test bench reproduce plots report clean base
+.PHONY: install run smoke sweep test bench device-check reproduce plots report clean base
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,9 +70,17 @@ plots: install
 report: install
 	$(PY) -m embedkit.reporting.report --runs logs --out experiments $(CONF_ARGS)
 
-# Speed and memory targets (never timed tests): writes benchmarks/RESULTS.md (~20 min on 2 cores).
+# Speed targets (never timed tests): writes benchmarks/RESULTS.md (~27 min on 2 cores; interleaved
+# rounds, see the script's docstring). BENCH_ARGS="--sections all" adds GradCache and memory.
+BENCH_ARGS ?=
 bench: install
-	$(PY) benchmarks/bench_contrastive.py
+	$(PY) benchmarks/bench_contrastive.py $(BENCH_ARGS)
+
+# One prepared check on a CUDA machine (<= 8 min on an H200): benchmarks/RESULTS_device.md + .json.
+# A fresh GPU machine needs a CUDA build of torch first: make install ALLOW_CUDA=1 TORCH_SPEC="...".
+# `python benchmarks/device_check.py --dry` runs every section on CPU in seconds (tests/test_device_check.py).
+device-check: install
+	$(PY) benchmarks/device_check.py
 
 clean:
 	rm -rf logs .cache

@@ -104,7 +104,7 @@ def tok(tmp_path_factory):
 
 
 def test_model_switches_compose_and_reach_the_backbone(tok):
-    cfg = _compose(["model.encoder.gradient_checkpointing=true"])
+    cfg = _compose(["model.encoder.gradient_checkpointing=true", "model.encoder.unpad=false"])
     enc = cfg.model.encoder
     assert enc.attn_implementation == "sdpa"
     small = {**{k: enc[k] for k in enc}, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -115,6 +115,10 @@ def test_model_switches_compose_and_reach_the_backbone(tok):
             else backbone.is_gradient_checkpointing)
     assert encoder.backbone.config._attn_implementation == "sdpa"
     assert _compose(["model=hf"]).model.encoder.gradient_checkpointing is False
+    # tiny_zh's default unpad routes attention through the unpadded path (tests/test_fast_paths.py)
+    unpadded = instantiate({**small, "unpad": True}, tokenizer=tok)
+    assert unpadded.unpad and unpadded.backbone.config._attn_implementation == "embedkit_unpadded"
+    assert _compose([]).model.encoder.unpad is True and _compose(["model=hf"]).model.encoder.unpad is False
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_with_and_without_gradcache(tok):

@@ -95,9 +95,10 @@ def tiny_zh_encoder(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_
                     dropout: float = 0.1, attn_implementation: str = "sdpa",
                     pooling: str = "cls", normalize: bool = True, max_length: int = 128,
                     projection_dim: int | None = None,
-                    gradient_checkpointing: bool = False) -> TextEncoder:
-    """A freshly initialised BERT sized for a 2-core CPU (`projection_dim`: see TextEncoder;
-    `gradient_checkpointing`: see `enable_gradient_checkpointing`)."""
+                    gradient_checkpointing: bool = False, unpad: bool = False,
+                    compile: bool = False) -> TextEncoder:
+    """A freshly initialised BERT sized for a 2-core CPU (`projection_dim`, `unpad`, `compile`:
+    see TextEncoder; `gradient_checkpointing`: see `enable_gradient_checkpointing`)."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -111,7 +112,8 @@ def tiny_zh_encoder(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_
     backbone = BertModel(config, add_pooling_layer=False)
     enable_gradient_checkpointing(backbone, gradient_checkpointing)
     return TextEncoder(backbone, tokenizer, pooling=pooling, normalize=normalize,
-                       max_length=max_length, projection_dim=projection_dim)
+                       max_length=max_length, projection_dim=projection_dim, unpad=unpad,
+                       compile=compile)
 
 
 def enable_gradient_checkpointing(backbone, on: bool = True):
@@ -134,9 +136,10 @@ def hf_encoder(tokenizer, name_or_path: str, revision: str | None = None, poolin
                normalize: bool = True, max_length: int = 512, trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa",
                projection_dim: int | None = None,
-               gradient_checkpointing: bool = False) -> TextEncoder:
+               gradient_checkpointing: bool = False, unpad: bool = False,
+               compile: bool = False) -> TextEncoder:
     """A pre-trained Hugging Face encoder without its pooler head (`projection_dim`: a fresh
-    linear head after pooling, e.g. Conan's 1024 -> 1792; see TextEncoder)."""
+    linear head after pooling, e.g. Conan's 1024 -> 1792; `unpad`, `compile`: see TextEncoder)."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -144,7 +147,7 @@ def hf_encoder(tokenizer, name_or_path: str, revision: str | None = None, poolin
                                              gradient_checkpointing)
     return TextEncoder(backbone, tokenizer,
                        pooling=pooling, normalize=normalize, max_length=max_length,
-                       projection_dim=projection_dim)
+                       projection_dim=projection_dim, unpad=unpad, compile=compile)
 
 
 def _backbone_without_pooler(name_or_path, trust_remote_code: bool = False, **kwargs):
@@ -159,11 +162,13 @@ def _backbone_without_pooler(name_or_path, trust_remote_code: bool = False, **kw
         return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust, **kwargs)
 
 
-def load_encoder(path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> TextEncoder:
+def load_encoder(path: str | Path, device: str = "cpu", trust_remote_code: bool = False,
+                 unpad: bool = False, compile: bool = False) -> TextEncoder:
     """Reload an encoder written by `TextEncoder.save_pretrained` (or any HF encoder folder).
 
     `trust_remote_code` stays off unless the caller turns it on: a model folder is data, and with
-    it on, transformers would import and run Python files that the folder names.
+    it on, transformers would import and run Python files that the folder names. `unpad` and
+    `compile`: TextEncoder's speed switches (not stored in the folder).
     """
     import json
 
@@ -176,7 +181,7 @@ def load_encoder(path: str | Path, device: str = "cpu", trust_remote_code: bool 
     trust = trust_remote_code_flag(trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     backbone = _backbone_without_pooler(path, trust_remote_code=trust)
-    encoder = TextEncoder(backbone, tokenizer, **settings)
+    encoder = TextEncoder(backbone, tokenizer, **settings, unpad=unpad, compile=compile)
     if encoder.projection is not None:
         if not (path / PROJECTION_WEIGHTS).exists():
             raise FileNotFoundError(f"{path / ENCODER_CONFIG} names a projection of width "

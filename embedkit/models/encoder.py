@@ -10,6 +10,10 @@ An optional linear projection after pooling (before normalisation) changes the o
 Conan-Embedding widens its 1024-wide BERT to 1792 dimensions with one fully connected layer (the
 `2_Dense` module of TencentBAC/Conan-embedding-v1: W·x + b, identity activation). It is saved beside
 the backbone as `projection.safetensors` and its size goes into `embedkit_encoder.json`.
+
+Two speed switches change how the backbone runs, never what it computes (up to float rounding):
+`unpad` runs it on the real tokens only (embedkit/models/unpadded.py) and `compile` wraps its
+forward in `torch.compile`. Neither is saved with the model: they are settings of a run.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, pooling: str = "cls", normalize: bool = True,
-                 max_length: int = 512, projection_dim: int | None = None):
+                 max_length: int = 512, projection_dim: int | None = None, unpad: bool = False,
+                 compile: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
@@ -59,6 +64,16 @@ class TextEncoder(nn.Module):
         self.projection_dim = projection_dim
         self.projection = (nn.Linear(backbone.config.hidden_size, projection_dim)
                            if projection_dim is not None else None)
+        self.unpad = bool(unpad)
+        if self.unpad:
+            from embedkit.models.unpadded import enable_unpadded
+
+            enable_unpadded(backbone)
+        if compile:
+            # In place (nn.Module.compile): parameter names, state_dict and save_pretrained are
+            # unchanged, which wrapping in torch.compile(backbone) would prefix with _orig_mod.
+            # Shapes start static; the first new length makes the graph dynamic (one recompile).
+            backbone.compile()
 
     @property
     def dim(self) -> int:
@@ -68,6 +83,10 @@ class TextEncoder(nn.Module):
                       **_unused) -> torch.Tensor:
         # token_type_ids are all zero for single-segment input; leaving them out lets the backbone
         # use its buffered zeros and keeps the batch dicts model-agnostic (RoBERTa/XLM-R have none).
+        if self.unpad and attention_mask is not None and not bool(attention_mask.all()):
+            from embedkit.models.unpadded import unpadded_hidden_states
+
+            return unpadded_hidden_states(self.backbone, input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_unused) -> torch.Tensor:

@@ -21,7 +21,9 @@ go to this base, every other one to the loss class. The shared settings are decl
     lr                 the learning rate (None: the optimizer partial's own lr, else 3e-5)
     optimizer          a partial called with the parameter groups, e.g. Hydra's
                        {_target_: torch.optim.AdamW, _partial_: true, weight_decay: ...}
-                       (None: AdamW, weight decay 0, betas (0.9, 0.999), eps 1e-8)
+                       (None: AdamW, weight decay 0, betas (0.9, 0.999), eps 1e-8, fused auto);
+                       `fused: auto` becomes True where the optimiser has a fused kernel for the
+                       parameters' device and dtype, else it is left out (`resolve_fused`)
     scheduler          a partial called as scheduler(optimizer, num_warmup_steps=...,
                        num_training_steps=...), stepped every optimiser step
                        (None: transformers.get_linear_schedule_with_warmup)
@@ -261,7 +263,7 @@ class EmbeddingObjective(pl.LightningModule):
             raise ValueError(f"on_nonfinite_loss must be one of {NONFINITE_POLICIES}, "
                              f"got {self.on_nonfinite_loss!r}")
         self.optimizer_factory = _plain_partial(settings.get("optimizer")) or functools.partial(
-            torch.optim.AdamW, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+            torch.optim.AdamW, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, fused="auto")
         factory_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if "lr" in settings and factory_lr is not None and factory_lr != settings["lr"]:
             raise ValueError(f"lr={settings['lr']!r} and optimizer.lr={factory_lr!r} disagree; set "
@@ -422,8 +424,9 @@ class EmbeddingObjective(pl.LightningModule):
                 continue
             (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
         # The decay group takes the partial's weight_decay; biases and LayerNorm weights none.
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=self.lr)
+        factory = resolve_fused(self.optimizer_factory, decay + no_decay,
+                                unscaled=_plain_precision(self.trainer))
+        optimizer = factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.grad_cache is not None:
             total = self.grad_cache.total_steps(self.trainer)
@@ -499,6 +502,45 @@ def _plain_partial(factory: Any) -> Any:
         v = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         return tuple(v) if isinstance(v, list) else v
     return functools.partial(factory.func, *factory.args, **{k: plain(v) for k, v in factory.keywords.items()})
+
+
+def resolve_fused(factory: Any, params: list[torch.Tensor], unscaled: bool = True) -> Any:
+    """The optimizer partial with `fused="auto"` decided for these parameters: True when the
+    optimiser takes `fused`, PyTorch has a fused kernel for their device (CPU too since torch
+    2.4), they are floating point and the run's gradients reach the optimiser `unscaled`;
+    otherwise the keyword is dropped (the optimiser's default). One fused kernel per step
+    replaces a Python loop over the parameters (benchmarks/RESULTS.md).
+
+    Not under mixed precision (`unscaled=False`): a fused optimiser unscales inside its step, so
+    Lightning refuses to clip its gradients ("does not allow for gradient clipping") and the
+    logged train/grad_norm would be of the scaled gradients."""
+    keywords = getattr(factory, "keywords", None)
+    if not isinstance(factory, functools.partial) or keywords.get("fused") != "auto":
+        return factory
+    rest = {k: v for k, v in keywords.items() if k != "fused"}
+    try:
+        takes_fused = "fused" in inspect.signature(factory.func).parameters
+    except (TypeError, ValueError):
+        takes_fused = False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:   # a private helper; without it, CUDA is the device every version fuses on
+        devices = {"cuda"}
+    usable = (takes_fused and unscaled and bool(params)
+              and all(p.is_floating_point() and p.device.type in devices for p in params)
+              and len({p.device.type for p in params}) == 1)
+    return functools.partial(factory.func, *factory.args, **rest, **({"fused": True} if usable else {}))
+
+
+def _plain_precision(trainer) -> bool:
+    """True where the trainer hands the optimiser its gradients as they are: full or true half
+    precision, no mixed-precision plugin with a scaler, FSDP or DeepSpeed in between."""
+    from pytorch_lightning.plugins.precision import DoublePrecision, HalfPrecision, Precision
+
+    plugin = getattr(trainer, "precision_plugin", None)   # None: a stand-in trainer, no AMP
+    return plugin is None or type(plugin) in (Precision, DoublePrecision, HalfPrecision)
 
 
 def _detached(value: Any) -> Any:

@@ -29,6 +29,9 @@ HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 _SEQUENCES = (list, tuple, abc.Sequence, abc.MutableSequence, abc.Iterable, abc.Collection)
 _MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
 _UNSURE = object()   # "cannot interpret this hint": the value is accepted
+#: (argument, value) pairs that embedkit replaces before the target sees them: an optimiser's
+#: `fused: auto` becomes True or is left out (embedkit/objectives/base.py, resolve_fused).
+DECIDED_BEFORE_THE_CALL = {("fused", "auto")}
 
 
 def target_nodes(node: Any, key: str) -> Iterator[tuple[str, DictConfig]]:
@@ -97,6 +100,8 @@ def check_node(node: DictConfig, key: str) -> list[str]:
             continue
         if value is None and param.default is None:
             continue   # `x: int = None`: None is the documented "not set"
+        if isinstance(value, str) and (str(k), value) in DECIDED_BEFORE_THE_CALL:
+            continue
         if _matches(value, hints[str(k)]) is False:
             origin = f" (from {_raw(node, k)})" if OmegaConf.is_interpolation(node, k) else ""
             problems.append(f"{path}: expected {describe(hints[str(k)])}, got {value!r} "
