@@ -115,7 +115,7 @@ def test_the_configured_vocabulary_corpora_leave_the_policy_to_the_run():
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["model=tiny_zh"])
     files = [c for c in cfg.model.tokenizer.corpora if "file" in c]
-    assert len(files) == 4 and not [c for c in cfg.model.tokenizer.corpora if "on_bad_row" in c]
+    assert len(files) == 5 and not [c for c in cfg.model.tokenizer.corpora if "on_bad_row" in c]
 
 
 def test_every_data_config_has_the_switch():
