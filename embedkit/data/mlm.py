@@ -209,22 +209,18 @@ class MLMCollator:
         b = len(rows)
         input_ids = padded["input_ids"].clone()
         labels = torch.full((b, width), IGNORE, dtype=torch.long)
-        if not self.decoder_views:
-            for k, (row, index, epoch) in enumerate(items):
-                enc_ids, lab, _, _ = self.example(rows[k], index, epoch, width)
-                n = len(rows[k])
-                input_ids[k, :n] = torch.from_numpy(enc_ids)
-                labels[k, :n] = torch.from_numpy(lab)
-            return {"input_ids": input_ids, "attention_mask": padded["attention_mask"], "labels": labels}
         dec_labels = torch.full((b, width), IGNORE, dtype=torch.long)
-        attention = np.zeros((b, width, width), dtype=bool)
+        attention = np.zeros((b, width, width), dtype=bool) if self.decoder_views else None
         for k, (row, index, epoch) in enumerate(items):
             enc_ids, lab, att, dlab = self.example(rows[k], index, epoch, width)
             n = len(rows[k])
             input_ids[k, :n] = torch.from_numpy(enc_ids)
             labels[k, :n] = torch.from_numpy(lab)
-            dec_labels[k, :n] = torch.from_numpy(dlab)
-            attention[k] = att
+            if self.decoder_views:
+                dec_labels[k, :n] = torch.from_numpy(dlab)
+                attention[k] = att
+        if not self.decoder_views:
+            return {"input_ids": input_ids, "attention_mask": padded["attention_mask"], "labels": labels}
         return {
             "input_ids": input_ids,
             "attention_mask": padded["attention_mask"],

@@ -46,7 +46,7 @@ class MaskedLMLoss(EmbeddingLoss):
 
     Arguments:
         encoder: the encoder the head is sized on; the output matrix is tied to its word embeddings.
-        save_head: True: `save_extras` writes the encoder and head as a BertForMaskedLM checkpoint.
+        save_head: True: `MaskedLM.save_extras` writes the encoder and head as a BertForMaskedLM checkpoint.
         The mask ratio (BERT: 0.15) is the data's (`data.encoder_mask_ratio`, embedkit/data/mlm.py).
 
     Batch:
@@ -65,7 +65,6 @@ class MaskedLMLoss(EmbeddingLoss):
         self.mlm_head = MLMHeadTransform(cfg.hidden_size, emb.word_embeddings.num_embeddings,
                                          cfg.hidden_act, cfg.layer_norm_eps)
         bert_init(self.mlm_head, getattr(cfg, "initializer_range", 0.02))
-        self._encoder_ref = [encoder]   # a list, so the encoder is not registered twice as a module
 
     def embed(self, encoder: TextEncoder, batch) -> dict[str, torch.Tensor]:
         """hidden (B, L, D) of the masked text and word_embeddings, the tied output matrix."""
@@ -81,10 +80,6 @@ class MaskedLMLoss(EmbeddingLoss):
 
     def batch_size_of(self, batch) -> int:
         return int(batch["input_ids"].shape[0])
-
-    def save_extras(self, out_dir) -> None:
-        if self.save_head:
-            save_masked_lm(self._encoder_ref[0], self.mlm_head, Path(out_dir) / MLM_HEAD_DIR)
 
 
 @torch.no_grad()
@@ -125,3 +120,8 @@ class MaskedLM(EmbeddingObjective):
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.loss.mlm_logits(hidden, self.encoder.backbone.embeddings.word_embeddings.weight)
+
+    def save_extras(self, out_dir) -> None:
+        # The head is saved with the encoder it is tied to, which the objective (not the loss) holds.
+        if self.loss.save_head:
+            save_masked_lm(self.encoder, self.loss.mlm_head, Path(out_dir) / MLM_HEAD_DIR)
