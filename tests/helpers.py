@@ -2,6 +2,8 @@
 another). Fixtures live in conftest.py; numerical tolerances in _numerics.py.
 
 - `compose` / `resolve`: a conf/ config as `python run.py overrides` composes it, and its body resolved.
+- `run_py`: `python run.py args` in a subprocess, logs and cache under tmp_path, W&B offline.
+- `fake_recipe_rows`: the recipe with its rows, data and suite faked, for resume tests of run().
 - `tiny_encoder`: the 32-wide, 1-layer tiny_zh encoder the model tests build, seeded.
 - `QUERIES`, `PASSAGES`, `tokens`, `toy_encoder`, `pair_batch`, `sts_batch`: the toy batches of
   the GradCache, DDP and trainer tests, which compare the same computation two ways, and
@@ -46,6 +48,30 @@ def resolve(cfg, output_dir: str = "/tmp/embedkit-compose") -> dict:
     HydraConfig.instance().set_config(cfg)
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     return OmegaConf.to_container(body, resolve=True)
+
+
+def run_py(args: Sequence[str], tmp_path: Path, timeout: int = 240):
+    """`python run.py args paths.log_dir=tmp_path/logs` from the repo, the cache under tmp_path and
+    W&B offline without a key; asserts it exits 0 (showing the output's tail) and returns it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "run.py", *args, f"paths.log_dir={tmp_path}/logs"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def fake_recipe_rows(monkeypatch, recipe, rows: list[dict], run_row) -> None:
+    """`recipe.run` with `rows` as its ablation rows and `run_row` training each; no data is read
+    (one text, one data key) and the eval suite is a stub named "fake"."""
+    monkeypatch.setattr(recipe, "run_row", run_row)
+    monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
+    monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
+    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
+    monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
 
 
 # ---------------------------------------------------------------- models

@@ -20,6 +20,7 @@ from embedkit.checkpointing import (AtomicCheckpointIO, RngState, atomic_torch_s
 from embedkit.data.batching import GroupBatchSampler
 from embedkit.folders import run_dir
 from embedkit.recipes.recovery import finished_results, inside
+from helpers import fake_recipe_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,11 +265,7 @@ def test_a_resumed_run_keeps_finished_rows_and_runs_the_rest(tmp_path, monkeypat
         ran.append(row["label"])
         return {"": {"label": row["label"], "categories": {"STS": 2.0}, "Avg": 2.0}}
 
-    monkeypatch.setattr(recipe, "run_row", run_row)
-    monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
-    monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
-    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
-    monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
+    fake_recipe_rows(monkeypatch, recipe, rows, run_row)
     out = tmp_path / "run"
     for label, results in (("32", {"label": "32", "variant": "", "categories": {"STS": 1.0}, "Avg": 1.0}),
                            ("128", {"label": "128", "error": "killed"})):

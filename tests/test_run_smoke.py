@@ -3,25 +3,12 @@
 import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_py
 
-REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
-
-
-def _run(args, tmp_path, timeout=240):
-    env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run([sys.executable, "run.py", *args, f"paths.log_dir={tmp_path}/logs"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def _rows(path):
@@ -31,7 +18,7 @@ def _rows(path):
 
 @pytest.mark.slow
 def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
-    proc = _run(["+experiment=bge_ablation_batchsize", "debug=smoke"], tmp_path)
+    proc = run_py(["+experiment=bge_ablation_batchsize", "debug=smoke"], tmp_path)
     assert "C-Pack Table 4" in proc.stdout and "| batch | Retrieval | STS |" in proc.stdout
     (run_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "runs").iterdir()
     rows = _rows(run_dir / "table.csv")
@@ -56,7 +43,7 @@ def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweep_writes_each_job_and_an_aggregate(tmp_path):
-    _run(["-m", "+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv",
+    run_py(["-m", "+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv",
           "data.batch_size=16,32", "data.train_group_size=1,2", "eval.tasks=[CMRCRetrieval,STSB]"],
          tmp_path, timeout=400)
     (sweep_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "multiruns").iterdir()
@@ -84,7 +71,7 @@ def _table(tmp_path, experiment):
 
 @pytest.mark.slow
 def test_recipe_smoke_chains_the_stages_in_one_command(tmp_path):
-    proc = _run(["+experiment=bge_ablation_recipe", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
+    proc = run_py(["+experiment=bge_ablation_recipe", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
     assert "C-Pack Table 3" in proc.stdout
     run_dir, rows = _table(tmp_path, "bge_ablation_recipe")
     assert [r["model"] for r in rows] == ["BGE-pretrain", "BGE w.o. pre-train", "BGE w.o. Instruct",
@@ -101,7 +88,7 @@ def test_recipe_smoke_chains_the_stages_in_one_command(tmp_path):
 
 @pytest.mark.slow
 def test_mrl_smoke_scores_every_dim(tmp_path):
-    proc = _run(["+experiment=mrl_dims", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
+    proc = run_py(["+experiment=mrl_dims", "debug=smoke", "logger=csv"], tmp_path, timeout=400)
     run_dir, rows = _table(tmp_path, "mrl_dims")
     labels = [r[next(iter(r))] for r in rows]
     # a plain run's rows are named by width alone, not "<override string> dim=N"
@@ -111,7 +98,7 @@ def test_mrl_smoke_scores_every_dim(tmp_path):
 
 @pytest.mark.slow
 def test_m3_smoke_reports_every_retrieval_mode(tmp_path):
-    proc = _run(["+experiment=m3_ablation_selfdistill", "debug=smoke", "logger=csv"], tmp_path,
+    proc = run_py(["+experiment=m3_ablation_selfdistill", "debug=smoke", "logger=csv"], tmp_path,
                 timeout=400)
     run_dir, rows = _table(tmp_path, "m3_ablation_selfdistill")
     labels = [r["model"] for r in rows]

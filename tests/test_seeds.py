@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ import pytest
 from embedkit import runs
 from embedkit.recipes.recovery import SettingsChanged, check_seed_layout
 from embedkit.reporting import findings, report, seeds, tables
+from helpers import fake_recipe_rows, run_py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,11 +234,7 @@ def test_a_resume_keeps_finished_row_seed_pairs_and_runs_the_rest(tmp_path, monk
         return {"": {"label": row["label"], "variant": "", "categories": {"STS": 10.0 + row["seed"]},
                      "Avg": 10.0 + row["seed"], "seed": row["seed"]}}
 
-    monkeypatch.setattr(recipe, "run_row", run_row)
-    monkeypatch.setattr(recipe, "ablation_rows", lambda cfg: rows)
-    monkeypatch.setattr(recipe.Examples, "get", lambda self, data_cfg: ([], ["字"]))
-    monkeypatch.setattr(recipe.Examples, "key", lambda self, data_cfg: "rows")
-    monkeypatch.setattr(recipe, "instantiate", lambda node, **kw: type("Suite", (), {"name": "fake"})())
+    fake_recipe_rows(monkeypatch, recipe, rows, run_row)
     out = tmp_path / "run"
     for label, seed, results in (("32", 0, {"label": "32", "variant": "", "categories": {"STS": 7.0}, "Avg": 7.0}),
                                  ("128", 1, {"label": "128", "error": "killed"})):
@@ -265,19 +259,10 @@ def test_a_resume_keeps_finished_row_seed_pairs_and_runs_the_rest(tmp_path, monk
 
 # ---------------------------------------------------------------- end to end
 
-def _python_run(args, tmp_path, timeout=300):
-    env = dict(os.environ, EMBEDKIT_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="offline")
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run([sys.executable, "run.py", *args, f"paths.log_dir={tmp_path}/logs"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_two_seeds_end_to_end_then_resume_retrains_nothing(tmp_path):
     args = ["+experiment=bge_ablation_batchsize", "debug=smoke", "seeds=2", "logger=csv"]
-    proc = _python_run(args, tmp_path)
+    proc = run_py(args, tmp_path)
     assert "(mini scale, mini_cmteb; mean ± std over 2 seeds)" in proc.stdout
     (run_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "runs").iterdir()
     table = {r["label"]: r for r in json.loads(runs.table_file(run_dir).read_text())}
@@ -309,14 +294,14 @@ def test_two_seeds_end_to_end_then_resume_retrains_nothing(tmp_path):
     # resume: every (row, seed) is kept, nothing is trained again, the table is the same
     before = runs.table_file(run_dir).read_text()
     trained = (run_dir / "run.log").read_text().count(": training tiny_zh")
-    _python_run([*args, "resume=true"], tmp_path)
+    run_py([*args, "resume=true"], tmp_path)
     log = (run_dir / "run.log").read_text()
     assert trained == 6 and log.count(": training tiny_zh") == 6 and log.count("done in an earlier run") == 6
     assert {d: runs.done_file(d).stat().st_mtime_ns for d in done} == done
     assert runs.table_file(run_dir).read_text() == before
 
     # the first seed of a two-seed run is the one-seed run: same vocabulary, same numbers
-    _python_run(["+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv", "experiment_name=one"], tmp_path)
+    run_py(["+experiment=bge_ablation_batchsize", "debug=smoke", "logger=csv", "experiment_name=one"], tmp_path)
     (one_dir,) = (tmp_path / "logs" / "one" / "runs").iterdir()
     one = {r["label"]: r["Avg"] for r in json.loads(runs.table_file(one_dir).read_text())}
     assert one == {label: row["per_seed"]["42"]["Avg"] for label, row in table.items()}
