@@ -85,6 +85,29 @@ def test_batch_size_notebook_writes_png(tmp_path):
     assert "Retrieval" in printed and "agree" in printed  # the direction table was printed
 
 
+SEEDED = """batch,Retrieval,STS,PairCLF,CLF,Rerank,Cluster,Avg,Retrieval std,STS std,PairCLF std,CLF std,Rerank std,Cluster std,Avg std,seeds
+32,12.0,23.0,51.0,8.0,53.0,4.0,25.0,0.5,0.4,0.3,0.2,0.1,0.1,0.3,3
+128,14.0,26.0,53.0,9.0,54.0,4.0,26.7,0.5,0.4,0.3,0.2,0.1,0.1,0.3,3
+512,13.0,26.0,53.0,10.0,58.0,4.0,27.3,0.5,0.4,0.3,0.2,0.1,0.1,0.3,3
+"32, same steps",10.0,20.0,50.0,7.0,50.0,3.0,23.3,0.5,0.4,0.3,0.2,0.1,0.1,0.3,3
+"512, same steps",18.0,27.0,54.0,11.0,60.0,5.0,29.2,0.5,0.4,0.3,0.2,0.1,0.1,0.3,3
+"""
+
+
+def test_batch_size_notebook_splits_the_equal_steps_rows(tmp_path):
+    # one epoch per batch: 32 -> 512 moves Retrieval +1.00; same steps (32 -> 128 -> 512): +8.00
+    run_dir = tmp_path / "runs" / "2026-01-01_00-00-00"
+    run_dir.mkdir(parents=True)
+    (run_dir / "table.csv").write_text(SEEDED)
+    nb = _execute(tmp_path, run_dir, tmp_path / "figures")
+    assert (tmp_path / "figures" / "batch_size_vs_score.png").is_file()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "(one epoch each): [32, 128, 512]" in printed and "(same steps):     [32, 128, 512]" in printed
+    epochs, steps = printed.split("ours: one epoch each")[1].split("ours: same steps")
+    retrieval = lambda part: next(line for line in part.splitlines() if line.startswith("Retrieval"))
+    assert "+1.00" in retrieval(epochs) and "+8.00" in retrieval(steps)
+
+
 def test_batch_size_notebook_fails_without_table(tmp_path):
     run_dir = tmp_path / "empty_run"
     run_dir.mkdir()

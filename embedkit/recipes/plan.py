@@ -263,8 +263,13 @@ def stage_lines(cfg: DictConfig, init_text: str, final: bool) -> list[tuple[str,
                                f"weight decay {fmt(get(obj, 'optimizer.weight_decay'))}"))
     lines.append(("schedule", f"{scheduler}, warm-up {fmt(get(obj, 'warmup_ratio'))} of the steps"))
     max_steps = int(get(trainer, "max_steps", -1) or -1)
-    lines.append(("steps", f"{max_steps:,} steps" if max_steps > 0 else
-                  f"{get(trainer, 'max_epochs', 1)} epoch(s) (steps = examples / global batch)"))
+    steps = (f"{max_steps:,} steps" if max_steps > 0 else
+             f"{get(trainer, 'max_epochs', 1)} epoch(s) (steps = examples / global batch)")
+    limit = get(trainer, "limit_train_batches")
+    if limit is not None and float(limit) != 1.0:
+        # a fraction of each epoch's batches (an int: that many batches per epoch)
+        steps += f", {limit} of each epoch's batches" if isinstance(limit, float) else f", {limit} batches per epoch"
+    lines.append(("steps", steps))
     lines.append(("precision", f"{get(trainer, 'precision', '32-true')} ({get(trainer, 'accelerator', '-')}, "
                                f"strategy {get(trainer, 'strategy', 'auto')})"))
     mini_batch = get(obj, "grad_cache.mini_batch")
