@@ -78,3 +78,21 @@ def test_the_base_experiment_is_mini_only(tmp_path):
     proc = _run(["+experiment=mini_base", "scale=paper", "plan=true"], tmp_path, 120)
     assert proc.returncode != 0
     assert "offered at scale=mini only, not scale=paper" in proc.stderr
+
+
+def test_a_model_of_another_width_names_the_base_and_the_first_mismatches():
+    from embedkit.models.build import init_encoder_from, pretrained_tokenizer, tiny_zh_encoder
+
+    narrow = tiny_zh_encoder(pretrained_tokenizer(str(BASE)), hidden_size=32, num_layers=2, num_heads=2,
+                             intermediate_size=64)
+    with pytest.raises(ValueError) as err:
+        init_encoder_from(narrow, BASE)
+    message = str(err.value)
+    assert str(BASE / "model.safetensors") in message and message.count("size mismatch") == 3
+    assert "more)" in message and len(message) < 1500
+
+
+def test_the_from_base_control_starts_from_the_base_and_smoke_stays_fresh(compose_run):
+    cfg = compose_run(["+experiment=bge_ablation_recipe_from_base"])
+    assert Path(cfg.model.init_from).resolve() == BASE.resolve()
+    assert compose_run(["+experiment=bge_ablation_recipe_from_base", "debug=smoke"]).model.init_from is None

@@ -293,8 +293,11 @@ def init_encoder_from(encoder: TextEncoder, path: str | Path) -> TextEncoder:
     state = load_file(str(weights))
     try:
         missing, unexpected = encoder.backbone.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{weights} does not fit the configured encoder: {e}") from e
+    except RuntimeError as e:  # shape mismatches: torch lists every tensor; the first few name the cause
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+        raise ValueError(f"{weights} does not fit the configured encoder (model.encoder widths, "
+                         f"layers, vocabulary): {'; '.join(lines[:3]) or e}{more}") from e
     missing = [k for k in missing if "position_ids" not in k]
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit the configured encoder: missing {missing[:5]}, "

@@ -235,7 +235,8 @@ def model_line(model: Any) -> str:
     enc = model.encoder if "encoder" in model else None
     if name == "tiny_zh":
         what = (f"tiny_zh: {get(enc, 'num_layers')} layers x {get(enc, 'hidden_size')} wide, "
-                f"{get(enc, 'num_heads')} heads, character vocabulary from the training text")
+                f"{get(enc, 'num_heads')} heads, character vocabulary "
+                + ("of the encoder it starts from" if get(model, "init_from") else "from the training text"))
     else:
         revision = get(model, "revision")
         what = f"{name}: {get(model, 'name_or_path')}" + (f" @ {revision}" if revision else "")
