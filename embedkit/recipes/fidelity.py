@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedkit.config import CONFIG_DIR, REPO_ROOT
 from embedkit.recipes.plan import devices_of, get
-from embedkit.recipes.rows import ablation_rows, row_config, stage_config
+from embedkit.recipes.rows import ablation_rows, row_config, scale_problems, stage_config
 from embedkit.reporting.fidelity import TABLE, FidelityTableError, Setting, load  # noqa: F401  (the table's format)
 
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -101,7 +101,10 @@ class Stage:
 
 
 def stages(experiment: str, cfg: DictConfig) -> Iterator[Stage]:
-    """Every (row, stage) of a composed experiment, configured as the recipe configures it."""
+    """Every (row, stage) of a composed experiment, configured as the recipe configures it; none
+    for an experiment the run refuses at this scale (`experiment_scales`, e.g. a mini-only control)."""
+    if scale_problems(cfg):
+        return
     for row in ablation_rows(cfg):
         row_cfg = row_config(cfg, row["overrides"])
         chain = list(row["stages"] or [None])
