@@ -8,6 +8,8 @@ import re
 import pytest
 from helpers import run_py
 
+from embedkit import runs
+
 CATEGORIES = ["Retrieval", "STS", "PairCLF", "CLF", "Rerank", "Cluster", "Avg"]
 
 
@@ -22,7 +24,8 @@ def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
     assert "C-Pack Table 4" in proc.stdout and "| batch | Retrieval | STS |" in proc.stdout
     (run_dir,) = (tmp_path / "logs" / "bge_ablation_batchsize" / "runs").iterdir()
     rows = _rows(run_dir / "table.csv")
-    assert [r["batch"] for r in rows] == ["32", "128", "512"]
+    # one epoch per batch size, then the equal-steps control (conf/experiment/bge_ablation_batchsize.yaml)
+    assert [r["batch"] for r in rows] == ["32", "128", "512", "32, same steps", "512, same steps"]
     for row in rows:
         for col in CATEGORIES:
             value = float(row[col])
@@ -38,6 +41,12 @@ def test_smoke_experiment_prints_and_writes_the_table(tmp_path):
         assert (run_dir / "rows" / label / "model" / "model.safetensors").exists()
         # W&B wrote an offline run, with no key and no network
         assert list((run_dir / "rows" / label / "wandb").glob("offline-run-*"))
+    # the control's rows reach the equal step count by a fraction of an epoch or by more epochs,
+    # so debug=smoke's 3-step cap still holds for them
+    for label, overrides in [("32, same steps", {"data.batch_size": 32, "trainer.limit_train_batches": 0.25}),
+                             ("512, same steps", {"data.batch_size": 512, "trainer.max_epochs": 4})]:
+        results = json.loads((runs.row_dir(run_dir, label) / "results.json").read_text())
+        assert results["overrides"] == overrides and results["steps"] == 3
     assert (run_dir / "tokenizer" / "vocab.txt").exists()
 
 
