@@ -67,6 +67,10 @@ class _ColumnModel(nn.Module):
     def get_embedding_dimension(self):
         return self.dim
 
+    # sentence-transformers 6.3's MatryoshkaLoss asks the model this (checking dims against it)
+    def _get_untruncated_embedding_dimension(self):
+        return self.dim
+
 
 # ---------------------------------------------------------------- the loss against sentence-transformers
 
