@@ -43,8 +43,8 @@ test: install
 	$(PY) -m pytest
 
 # Every mini ablation (not the paper-scale GradCache one), then experiments/*/RESULTS.md. Every row
-# runs with 3 seeds (seeds=3: tables show mean ± std, findings say "within noise" under 2·SE), so it
-# takes about three times a one-seed run (23 min on 2 cores, README). Resumable: each experiment runs
+# runs with 3 seeds (seeds=3: tables show mean ± std, findings say "within noise" under 2·SE): about
+# 2 h on 2 cores (README "Reproducing the papers" has each experiment's time). Resumable: each experiment runs
 # in a fixed folder, logs/reproduce/<experiment>/, so a re-run skips experiments whose table.json
 # holds every row with that many seeds and, inside an interrupted one, keeps finished (row, seed)
 # pairs and stages and continues the interrupted stage from its checkpoint (README "When things go
